@@ -1,0 +1,465 @@
+"""
+GOAT: a LoRA mixture of experts with SVD-segment initialisation and a scaling
+factor that aligns it with a fully fine-tuned mixture of experts.
+
+    Fan et al., "Make LoRA Great Again: Boosting LoRA with Adaptive Singular
+    Values and Mixture-of-Experts Optimization Alignment", ICML 2025,
+    arXiv:2502.16894. Authors' code: github.com/Facico/GOAT-PEFT.
+
+One file, PyTorch only. Where each piece of the paper lives:
+
+- Routing (Sec. 3.1): `route` - float32 router logits, softmax, top-k,
+  renormalised gate G (T x E, k non-zeros per row summing to one).
+- MoE forward y = W_res x + s * sum_i G_i(x) B_i A_i x: `GOATLinear.forward`,
+  computed densely as one rank-r LoRA, B ((A x) * expand(G)). `moe_loop_forward`
+  is the per-expert loop of the authors' code, kept as the readable reference.
+- SVD-segment init ("O" in the paper, Sec. 3.2) and PiSSA / MiLoRA / LoRA inits:
+  `init_factors`. s B_i A_i = U_i S_i Vh_i / rho.
+- Residual W_res = W0 - c s sum_i B_i A_i, c = 1/E (Thm. 3.4): `GOATLinear.__init__`.
+- Scaling factor s = sqrt(3 eta n / d) (Thm. 3.5): `scaling_factor`.
+- Load-balancing loss (Switch Transformer form, Sec. 3.3): `balance_loss`.
+- The reference it is aligned with, an upcycled fully fine-tuned MoE: `UpcycledMoE`.
+
+The adapter cannot be merged into the base weight: routing depends on the input.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+INITS = ("goat", "goat_mini", "pissa", "milora", "lora")
+SVD_INITS = ("goat", "goat_mini", "pissa", "milora")
+SCALINGS = ("paper", "alpha", "rslora")
+# Modules that "all-linear" leaves alone: task heads, which are trained in full.
+DEFAULT_EXCLUDE = ("classifier", "lm_head", "score", "qa_outputs")
+
+
+@dataclass
+class GOATConfig:
+    rank: int = 32            # total rank r over all experts
+    experts: int = 8          # E
+    top_k: int = 2            # k
+    init: str = "goat"        # one of INITS
+    scaling: object = "paper"  # "paper" | "alpha" | "rslora" | a number
+    alpha: float = None       # for "alpha" (s = alpha / d) and "rslora" (s = alpha / sqrt(d))
+    eta: float = 1.0          # lr_full / lr_lora, for "paper" scaling
+    rho: float = 10.0         # SVD inits put S / rho into the adapter
+    init_cof: float = None    # c in W_res = W0 - c s sum B_i A_i; None means 1/E
+    dropout: float = 0.05
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
+        if not isinstance(self.scaling, (int, float)) and self.scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling {self.scaling!r}; choose one of {SCALINGS} or a number")
+        if self.scaling in ("alpha", "rslora") and self.alpha is None:
+            raise ValueError(f"scaling={self.scaling!r} needs alpha (e.g. alpha=2*rank)")
+        if self.rank < 1 or self.experts < 1:
+            raise ValueError(f"rank ({self.rank}) and experts ({self.experts}) must be positive")
+        if self.rank % self.experts:
+            raise ValueError(f"rank {self.rank} is not divisible by experts {self.experts}: "
+                             f"each expert gets rank/experts components; pick e.g. rank={self.experts * max(1, self.rank // self.experts)}")
+        if not 1 <= self.top_k <= self.experts:
+            raise ValueError(f"top_k {self.top_k} must lie in [1, experts={self.experts}]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} must lie in [0, 1)")
+
+    @property
+    def expert_rank(self):
+        return self.rank // self.experts
+
+    @property
+    def cof(self):
+        return 1.0 / self.experts if self.init_cof is None else self.init_cof
+
+
+# Baselines are presets of the same layer, so every comparison runs the same code path.
+PRESETS = {
+    "lora": dict(init="lora", experts=1, top_k=1, scaling="alpha"),
+    "pissa": dict(init="pissa", experts=1, top_k=1, scaling="alpha", rho=1.0, init_cof=1.0),
+    "milora": dict(init="milora", experts=1, top_k=1, scaling="alpha", rho=1.0, init_cof=1.0),
+    "molora": dict(init="lora", experts=8, top_k=2, scaling="alpha"),
+    "goat": dict(init="goat", experts=8, top_k=2, scaling="paper", rho=10.0, init_cof=None),
+}
+
+
+def preset(method, **overrides):
+    """GOATConfig for a named method; `overrides` (rank, alpha, eta, ...) win."""
+    if method not in PRESETS:
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(PRESETS)}")
+    return GOATConfig(**{**PRESETS[method], **overrides})
+
+
+def scaling_factor(n, d, eta=1.0):
+    """The scaling s that aligns a LoRA expert with full fine-tuning (Thm. 3.5).
+
+    For W~ = W + s B A with B0 = 0 and A0 drawn like PyTorch's default Linear
+    init (entries U(-1/sqrt(n), 1/sqrt(n)), variance 1/(3n)), one SGD step with
+    learning rate mu and g = dL/dW~ gives dB = -mu s g A0^T, so the equivalent
+    weight moves by s dB A0 = -mu s^2 g A0^T A0. Since E[A0^T A0] = d/(3n) I,
+    this is -mu s^2 d/(3n) g on average. Asking it to equal a full fine-tuning
+    step at learning rate eta * mu gives s^2 d / (3n) = eta:
+        s = sqrt(3 eta n / d),  n = in_features, d = rank of one expert,
+    with eta = lr_full / lr_lora (paper: 1 at lr 1e-5..1e-4, 0.1 for LLaMA at 1e-4).
+    """
+    return math.sqrt(3.0 * eta * n / d)
+
+
+def resolve_scaling(cfg, n):
+    d = cfg.expert_rank
+    if cfg.scaling == "paper":
+        return scaling_factor(n, d, cfg.eta)
+    if cfg.scaling == "alpha":
+        return cfg.alpha / d
+    if cfg.scaling == "rslora":
+        return cfg.alpha / math.sqrt(d)
+    return float(cfg.scaling)
+
+
+def svd_indices(init, h, rank, experts):
+    """Singular-value indices given to the experts, concatenated expert by expert."""
+    d, t = rank // experts, h // experts  # per-expert rank, spectrum segment length
+    if init == "goat":  # top of each of E equal segments of the spectrum
+        return [j for i in range(experts) for j in range(i * t, i * t + d)]
+    if init == "goat_mini":  # bottom of each segment
+        return [j for i in range(experts) for j in range((i + 1) * t - d, (i + 1) * t)]
+    if init == "pissa":  # principal components
+        return list(range(rank))
+    if init == "milora":  # minor components
+        return list(range(h - rank, h))
+    raise ValueError(f"{init!r} is not an SVD init")
+
+
+def init_factors(weight, cfg, scaling, name="layer"):
+    """Initial (A0, B0): r x n and m x r, float32 (float64 for float64 weights)."""
+    m, n = weight.shape
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if cfg.init == "lora":  # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(n), 1/sqrt(n)), B = 0
+        A = torch.empty(cfg.rank, n, dtype=dtype, device=weight.device)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        return A, torch.zeros(m, cfg.rank, dtype=dtype, device=weight.device)
+    h = min(m, n)
+    d, t = cfg.expert_rank, h // cfg.experts
+    if t < d:
+        raise ValueError(f"{name}: SVD segment length min(out, in) / experts = {h}/{cfg.experts} = {t} "
+                         f"is shorter than the per-expert rank {d}; lower rank or experts")
+    # bf16/fp16 have no SVD kernel: factorise in float32 (float64 stays float64), cast back once.
+    U, S, Vh = torch.linalg.svd(weight.detach().to(dtype), full_matrices=False)
+    idx = torch.tensor(svd_indices(cfg.init, h, cfg.rank, cfg.experts), device=weight.device)
+    root = (S[idx] / (scaling * cfg.rho)).sqrt()   # sqrt(S_I'), S_I' = S_I / (s rho)
+    return root[:, None] * Vh[idx], U[:, idx] * root[None, :]
+
+
+def route(x, router, top_k):
+    """Top-k routing. x: T x n, router: E x n.
+    Returns softmax probabilities p (T x E), the top-k indicator (T x E) and the gate
+    G = renormalised top-k probabilities (T x E, zero elsewhere). At least float32
+    (bf16 logits would make near-ties arbitrary), float64 for float64; no host sync."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, router.dtype), torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        probs = F.linear(x.to(dtype), router.to(dtype)).softmax(dim=-1)
+    chosen = torch.zeros_like(probs).scatter_(-1, probs.topk(top_k, dim=-1).indices, 1.0)
+    kept = probs * chosen
+    return probs, chosen, kept / kept.sum(dim=-1, keepdim=True)
+
+
+class _Routed(nn.Module):
+    """Keeps the latest routing statistics for the balance loss and expert load."""
+    experts = 1
+    top_k = 1
+
+    def _remember(self, probs, chosen):
+        self._probs, self._chosen = probs, chosen
+
+    def layer_balance_loss(self):
+        """Switch-Transformer loss sum_i f_i P_i with f_i = E/(kT) * #tokens routed to i,
+        P_i = mean_t p_i. Uniform routing gives 1; the gradient reaches P (the router) only."""
+        if self.experts == 1 or getattr(self, "_probs", None) is None:
+            return None
+        f = self._chosen.mean(dim=0) * (self.experts / self.top_k)
+        return (f * self._probs.mean(dim=0)).sum()
+
+    def layer_expert_load(self):
+        """Fraction of routed (token, slot) pairs per expert: sums to 1, uniform is 1/E."""
+        if self.experts == 1 or getattr(self, "_chosen", None) is None:
+            return None
+        return self._chosen.detach().mean(dim=0) / self.top_k
+
+
+def _check_linear(module, name):
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{name}: is {type(module).__name__}, not nn.Linear; GOAT wraps nn.Linear "
+                         f"only, so name a Linear (or use targets='all-linear')")
+    if not module.weight.dtype.is_floating_point or module.weight.dtype.itemsize < 2:
+        raise ValueError(f"{name}: weight dtype {module.weight.dtype} is integer or quantised; "
+                         f"load the base model in float32, bfloat16 or float16 before adding GOAT")
+
+
+def weight_fingerprint(weight):
+    """A few float64 statistics of a weight: tell base models apart, survive dtype casts."""
+    w = weight.detach().double()
+    return torch.stack([w.abs().mean(), w.square().mean().sqrt(), w[::7, ::5].mean(),
+                        w[:, 0].mean(), w[0].mean()]).cpu()
+
+
+class GOATLinear(_Routed):
+    """y = W_res x + b + s * B ((A drop(x)) * expand(G(x))).
+
+    `base` is the frozen nn.Linear, its weight holding W_res. lora_A (r x n) stacks
+    the experts' A_i, lora_B (m x r) their B_i; expert i owns rank slots
+    [i d, (i+1) d). lora_router (E x n) exists when E > 1. lora_A0 / lora_B0 hold
+    the initial factors so the adapter can be re-applied to a pristine base.
+
+    The adapter cannot be merged into the weight: the gate depends on the input.
+    """
+
+    def __init__(self, base, cfg, name="layer", factors=None):
+        super().__init__()
+        _check_linear(base, name)
+        m, n = base.weight.shape
+        if cfg.rank > min(m, n):
+            raise ValueError(f"{name}: rank {cfg.rank} exceeds min(out={m}, in={n}); lower the rank")
+        self.cfg, self.name = cfg, name
+        self.experts, self.top_k, self.expert_rank = cfg.experts, cfg.top_k, cfg.expert_rank
+        self.scaling = resolve_scaling(cfg, n)
+        self.fingerprint = weight_fingerprint(base.weight)
+        A0, B0 = init_factors(base.weight, cfg, self.scaling, name) if factors is None else factors
+        dtype = A0.dtype
+        self.register_buffer("lora_A0", A0.clone())
+        self.register_buffer("lora_B0", B0.clone())
+        self.lora_A = nn.Parameter(A0.clone())
+        self.lora_B = nn.Parameter(B0.clone())
+        if self.experts > 1:
+            self.lora_router = nn.Parameter(torch.empty(self.experts, n, dtype=dtype, device=A0.device))
+            nn.init.kaiming_uniform_(self.lora_router, a=math.sqrt(5))  # as nn.Linear
+        else:
+            self.lora_router = None  # one expert: gate is 1, plain LoRA
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        # Thm 3.4: W_res = W0 - c s sum_i B_i A_i, computed once in the adapter dtype.
+        with torch.no_grad():
+            base.weight.copy_(base.weight.to(dtype) - self._init_delta())
+        base.requires_grad_(False)
+        self.base = base
+
+    def _init_delta(self):
+        return self.cfg.cof * self.scaling * (self.lora_B0 @ self.lora_A0)
+
+    def forward(self, x):
+        y = self.base(x)
+        xs = x.reshape(-1, x.shape[-1])
+        # one dropout mask shared by all experts; the router sees the clean input
+        u = F.linear(self.lora_dropout(xs.to(self.lora_A.dtype)), self.lora_A)  # T x r
+        if self.lora_router is not None:
+            probs, chosen, gate = route(xs, self.lora_router, self.top_k)
+            self._remember(probs, chosen)
+            # expand(G): each expert's gate weight over its d rank slots, via a view
+            u = (u.view(-1, self.experts, self.expert_rank) * gate.unsqueeze(-1).to(u.dtype)).view_as(u)
+        delta = F.linear(u, self.lora_B) * self.scaling
+        return y + delta.view(*x.shape[:-1], -1).to(y.dtype)
+
+    def extra_repr(self):
+        return (f"rank={self.cfg.rank}, experts={self.experts}, top_k={self.top_k}, "
+                f"init={self.cfg.init}, scaling={self.scaling:.4g}")
+
+
+def moe_loop_forward(layer, x):
+    """The same output as GOATLinear.forward, written as the authors' per-expert loop
+    (softmax, top-k, then a torch.where and an indexed add per expert). Slow: it syncs
+    with the host and loops in Python. A reference for tests and benchmarks."""
+    y = layer.base(x)
+    xs = x.reshape(-1, x.shape[-1])
+    xd = layer.lora_dropout(xs.to(layer.lora_A.dtype))
+    out = torch.zeros(xs.shape[0], layer.lora_B.shape[0], dtype=xd.dtype, device=x.device)
+    if layer.lora_router is None:
+        out = layer.scaling * F.linear(F.linear(xd, layer.lora_A), layer.lora_B)
+    else:
+        probs, _, _ = route(xs, layer.lora_router, layer.top_k)
+        weights, selected = probs.topk(layer.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        d = layer.expert_rank
+        for i in range(layer.experts):
+            rows, slot = torch.where(selected == i)
+            A_i, B_i = layer.lora_A[i * d:(i + 1) * d], layer.lora_B[:, i * d:(i + 1) * d]
+            expert_out = layer.scaling * F.linear(F.linear(xd[rows], A_i), B_i)
+            out = out.index_add(0, rows, weights[rows, slot, None].to(xd.dtype) * expert_out)
+    return y + out.view(*x.shape[:-1], -1).to(y.dtype)
+
+
+class UpcycledMoE(_Routed):
+    """The reference GOAT aligns with: E fully trainable copies W^i of a Linear
+    (all = W0 at start, "upcycled"), the same top-k router, y = sum_i G_i(x) W^i x + b.
+    It has E times the weights: a reference for small models, not a method."""
+
+    def __init__(self, base, experts=8, top_k=2, name="layer"):
+        super().__init__()
+        _check_linear(base, name)
+        if not 1 <= top_k <= experts:
+            raise ValueError(f"{name}: top_k {top_k} must lie in [1, experts={experts}]")
+        self.experts, self.top_k, self.name = experts, top_k, name
+        self.weight = nn.Parameter(base.weight.detach().expand(experts, -1, -1).clone())
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone())
+        self.router = nn.Parameter(torch.empty(experts, base.in_features, dtype=base.weight.dtype,
+                                               device=base.weight.device))
+        nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+
+    def forward(self, x):
+        xs = x.reshape(-1, x.shape[-1])
+        probs, chosen, gate = route(xs, self.router, self.top_k)
+        self._remember(probs, chosen)
+        y = sum(gate[:, i:i + 1].to(xs.dtype) * F.linear(xs, self.weight[i]) for i in range(self.experts))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+
+# ---------------------------------------------------------------------------------
+# Injection into any model, and the adapter as a portable state dict.
+
+def _parent(model, name):
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def find_targets(model, targets, exclude=DEFAULT_EXCLUDE):
+    """Names of the modules to wrap: "all-linear" (minus `exclude`, matched against
+    any dotted name component), or a list of name suffixes, each of which must match."""
+    if targets == "all-linear":
+        names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
+                 and not any(part in exclude for part in name.split("."))]
+        if not names:
+            raise ValueError("targets='all-linear' found no nn.Linear outside "
+                             f"the excluded modules {tuple(exclude)}")
+        return names
+    if isinstance(targets, str):
+        targets = [targets]
+    names = []
+    modules = dict(model.named_modules())
+    for target in targets:
+        hits = [name for name in modules if name == target or name.endswith("." + target)]
+        if not hits:
+            linears = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear)})
+            raise ValueError(f"target {target!r} matches no module; Linear names in this model: "
+                             f"{linears} (or use 'all-linear')")
+        for name in hits:
+            _check_linear(modules[name], name)
+        names += [name for name in hits if name not in names]
+    return names
+
+
+def _swap(model, names, make):
+    """Replace each named module by make(module, name); only the new modules'
+    own parameters (not a wrapped base) stay trainable."""
+    for name in names:
+        parent, child = _parent(model, name)
+        setattr(parent, child, make(getattr(parent, child), name))
+    model.requires_grad_(False)
+    for name in names:
+        for pname, p in model.get_submodule(name).named_parameters():
+            p.requires_grad_(not pname.startswith("base."))
+    return names
+
+
+def add_goat(model, cfg, targets="all-linear", exclude=DEFAULT_EXCLUDE):
+    """Wrap the target nn.Linear modules of `model` in place with GOATLinear, freeze
+    everything else, return the wrapped names. Train a head afterwards with
+    `head.requires_grad_(True)`."""
+    names = find_targets(model, targets, exclude)
+    return _swap(model, names, lambda mod, name: GOATLinear(mod, cfg, name))
+
+
+def add_upcycled_moe(model, experts=8, top_k=2, targets="all-linear", exclude=DEFAULT_EXCLUDE):
+    """The "full-moe" reference: every target Linear becomes an UpcycledMoE."""
+    names = find_targets(model, targets, exclude)
+    return _swap(model, names, lambda mod, name: UpcycledMoE(mod, experts, top_k, name))
+
+
+def goat_layers(model):
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, GOATLinear)]
+
+
+def balance_loss(model):
+    """Sum over routed layers of the latest per-layer balance loss (0 if none)."""
+    losses = [mod.layer_balance_loss() for mod in model.modules() if isinstance(mod, _Routed)]
+    losses = [loss for loss in losses if loss is not None]
+    return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def expert_load(model):
+    """{layer name: fraction of routed tokens per expert (E,)} from the latest forward."""
+    loads = {name: mod.layer_expert_load() for name, mod in model.named_modules()
+             if isinstance(mod, _Routed)}
+    return {name: load for name, load in loads.items() if load is not None}
+
+
+CONFIG_KEY = "goat_config"  # the one non-tensor entry of a GOAT state dict (a JSON string)
+
+
+def goat_state_dict(model):
+    """The adapter alone: per layer A, B, router, A0, B0 and the base-weight
+    fingerprint, plus CONFIG_KEY: a JSON string of each layer's config."""
+    state, layers = {}, {}
+    for name, mod in goat_layers(model):
+        for key in ("lora_A", "lora_B", "lora_router", "lora_A0", "lora_B0"):
+            tensor = getattr(mod, key)
+            if tensor is not None:
+                state[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
+        state[f"{name}.fingerprint"] = mod.fingerprint
+        layers[name] = dict(asdict(mod.cfg), shape=list(mod.base.weight.shape))
+    if not layers:
+        raise ValueError("the model has no GOAT layers; call add_goat first")
+    state[CONFIG_KEY] = json.dumps({"layers": layers})
+    return state
+
+
+def load_goat_state_dict(model, state, fingerprint_rtol=2e-2):
+    """Apply a saved adapter to a pristine copy of its base model (layers already
+    wrapped are restored to W0 first): rebuilds W_res from the saved initial factors,
+    then loads the trained A, B and router. Refuses another base or shape."""
+    layers = json.loads(state[CONFIG_KEY])["layers"]
+    modules = dict(model.named_modules())
+    for name, info in layers.items():  # check everything before changing anything
+        mod = modules.get(name)
+        if mod is None:
+            raise ValueError(f"adapter layer {name!r} is not in this model: was it saved from another architecture?")
+        base = mod.base if isinstance(mod, GOATLinear) else mod
+        _check_linear(base, name)
+        if list(base.weight.shape) != info["shape"]:
+            raise ValueError(f"{name}: adapter was saved for a weight of shape {info['shape']}, "
+                             f"this model's is {list(base.weight.shape)}; load it onto its own base model")
+    remove_goat(model)
+    cfgs = {name: GOATConfig(**{k: v for k, v in info.items() if k != "shape"}) for name, info in layers.items()}
+    for name in layers:
+        saved, now = state[f"{name}.fingerprint"], weight_fingerprint(model.get_submodule(name).weight)
+        if not torch.allclose(saved, now, rtol=fingerprint_rtol, atol=1e-6):
+            raise ValueError(f"{name}: base weight does not match the one the adapter was trained on "
+                             f"(fingerprint {saved.tolist()} vs {now.tolist()}); load the adapter onto "
+                             f"a pristine copy of its own base model")
+
+    def make(mod, name):
+        ref = mod.weight
+        A0, B0 = (state[f"{name}.{k}"].to(ref.device) for k in ("lora_A0", "lora_B0"))
+        layer = GOATLinear(mod, cfgs[name], name, factors=(A0, B0))
+        with torch.no_grad():
+            for key in ("lora_A", "lora_B", "lora_router"):
+                if getattr(layer, key) is not None:
+                    getattr(layer, key).copy_(state[f"{name}.{key}"])
+        return layer
+    return _swap(model, list(layers), make)
+
+
+def remove_goat(model):
+    """Unwrap every GOATLinear, restoring W0 = W_res + c s B0 A0 (to float tolerance)."""
+    for name, mod in goat_layers(model):
+        with torch.no_grad():
+            mod.base.weight.copy_(mod.base.weight.to(mod.lora_A0.dtype) + mod._init_delta())
+        parent, child = _parent(model, name)
+        setattr(parent, child, mod.base)
+    return model
+
+
+def trainable_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
