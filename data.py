@@ -1,0 +1,395 @@
+"""
+Tasks and metrics for train.py.
+
+- GLUE tasks from a directory in the original GLUE tsv layout (sst2, cola, mrpc,
+  rte, stsb, qnli, mnli, qqp, wnli), with the GLUE metrics.
+- Instruction tasks: <data_dir>/<set>/{train,test}.json, lists of
+  {instruction, input, output, answer} (the commonsense and math sets of
+  LLM-Adapters); trained on the response, scored by greedy generation and answer
+  extraction.
+- "docstrings", the offline default: the docstrings of Python's standard library,
+  labelled by the topic of their module. Real, human-written text that every
+  Python installation carries; built at run time (it depends on the Python
+  version), split deterministically by name.
+
+A task is plain data: examples are dicts; train.py tokenises them with
+`encode_*` and batches them with `collate`.
+"""
+
+import importlib
+import inspect
+import json
+import math
+import re
+import warnings
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------
+# Metrics (GLUE definitions; numpy only)
+
+
+def accuracy(preds, golds):
+    return float(np.mean(np.asarray(preds) == np.asarray(golds))) if len(golds) else 0.0
+
+
+def matthews_corr(preds, golds):
+    """Matthews correlation for binary labels (CoLA); 0 when a row of the confusion matrix is empty."""
+    p, g = np.asarray(preds), np.asarray(golds)
+    tp, tn = np.sum((p == 1) & (g == 1)), np.sum((p == 0) & (g == 0))
+    fp, fn = np.sum((p == 1) & (g == 0)), np.sum((p == 0) & (g == 1))
+    denom = math.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return float((tp * tn - fp * fn) / denom) if denom else 0.0
+
+
+def f1_positive(preds, golds):
+    p, g = np.asarray(preds), np.asarray(golds)
+    tp = np.sum((p == 1) & (g == 1))
+    precision, recall = tp / max(np.sum(p == 1), 1), tp / max(np.sum(g == 1), 1)
+    return float(2 * precision * recall / (precision + recall)) if tp else 0.0
+
+
+def pearson(preds, golds):
+    p, g = np.asarray(preds, dtype=float), np.asarray(golds, dtype=float)
+    if p.std() == 0 or g.std() == 0:
+        return 0.0
+    return float(np.corrcoef(p, g)[0, 1])
+
+
+def _ranks(values):
+    """Ranks with ties averaged (as scipy.stats.rankdata)."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    sorted_vals = values[order]
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and sorted_vals[j + 1] == sorted_vals[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(preds, golds):
+    return pearson(_ranks(preds), _ranks(golds))
+
+
+METRICS = {
+    "accuracy": lambda p, g: {"accuracy": accuracy(p, g)},
+    "matthews": lambda p, g: {"matthews": matthews_corr(p, g), "accuracy": accuracy(p, g)},
+    "f1": lambda p, g: {"f1": f1_positive(p, g), "accuracy": accuracy(p, g)},
+    "pearson": lambda p, g: {"pearson": pearson(p, g), "spearman": spearman(p, g)},
+}
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str                 # "classification", "regression" or "generation"
+    train: list
+    evals: dict               # eval set name -> examples
+    metric: str               # key of METRICS (generation: accuracy)
+    labels: list = field(default_factory=list)  # class names, for classification
+
+    @property
+    def num_labels(self):
+        return 1 if self.kind == "regression" else len(self.labels)
+
+    def score(self, preds, golds):
+        return METRICS[self.metric](preds, golds)
+
+    @property
+    def main_metric(self):
+        return self.metric
+
+    def majority_baseline(self):
+        """Each eval set's metric when always predicting the commonest training label
+        (its mean for regression)."""
+        golds = [ex["label"] for ex in self.train]
+        guess = float(np.mean(golds)) if self.kind == "regression" else Counter(golds).most_common(1)[0][0]
+        return {name: self.score([guess] * len(exs), [ex["label"] for ex in exs])
+                for name, exs in self.evals.items()}
+
+
+# ----------------------------------------------------------------------------------
+# GLUE, in the original distribution's tsv layout
+
+# task: directory, dev file, (columns of text_a, text_b, label) by header name or
+# index (CoLA has no header), label names (None: regression), metric
+GLUE = {
+    "sst2": ("SST-2", "dev.tsv", ("sentence", None, "label"), ["0", "1"], "accuracy"),
+    "cola": ("CoLA", "dev.tsv", (3, None, 1), ["0", "1"], "matthews"),
+    "mrpc": ("MRPC", "dev.tsv", ("#1 String", "#2 String", "Quality"), ["0", "1"], "f1"),
+    "rte": ("RTE", "dev.tsv", ("sentence1", "sentence2", "label"), ["not_entailment", "entailment"], "accuracy"),
+    "stsb": ("STS-B", "dev.tsv", ("sentence1", "sentence2", "score"), None, "pearson"),
+    "qnli": ("QNLI", "dev.tsv", ("question", "sentence", "label"), ["not_entailment", "entailment"], "accuracy"),
+    "mnli": ("MNLI", "dev_matched.tsv", ("sentence1", "sentence2", "gold_label"),
+             ["contradiction", "entailment", "neutral"], "accuracy"),
+    "qqp": ("QQP", "dev.tsv", ("question1", "question2", "is_duplicate"), ["0", "1"], "f1"),
+    "wnli": ("WNLI", "dev.tsv", ("sentence1", "sentence2", "label"), ["0", "1"], "accuracy"),
+}
+
+
+def read_glue_tsv(path, columns, labels):
+    """Rows of a GLUE tsv as {text, text_pair, label}; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; --data_dir must hold the GLUE layout "
+                                f"(<data_dir>/{path.parent.name}/{path.name})")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start, index = 0, {}
+    if isinstance(columns[0], str):
+        index = {name: i for i, name in enumerate(lines[0].split("\t"))}
+        missing = [c for c in columns if c is not None and c not in index]
+        if missing:
+            raise ValueError(f"{path}:1: header lacks column(s) {missing}; found {list(index)}")
+        start = 1
+    cols = [index.get(c, c) for c in columns]
+    examples = []
+    for line_no, line in enumerate(lines[start:], start=start + 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if max(c for c in cols if c is not None) >= len(fields):
+            raise ValueError(f"{path}:{line_no}: expected at least {max(c for c in cols if c is not None) + 1} "
+                             f"tab-separated fields, found {len(fields)}")
+        raw = fields[cols[2]].strip()
+        if labels is None:
+            try:
+                label = float(raw)
+            except ValueError:
+                raise ValueError(f"{path}:{line_no}: score {raw!r} is not a number") from None
+        elif raw in labels:
+            label = labels.index(raw)
+        else:
+            raise ValueError(f"{path}:{line_no}: unknown label {raw!r}; expected one of {labels}")
+        examples.append({"text": fields[cols[0]], "text_pair": None if cols[1] is None else fields[cols[1]],
+                         "label": label})
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def load_glue(task, data_dir):
+    folder, dev_file, columns, labels, metric = GLUE[task]
+    root = Path(data_dir) / folder
+    return Task(task, "regression" if labels is None else "classification",
+                read_glue_tsv(root / "train.tsv", columns, labels),
+                {"dev": read_glue_tsv(root / dev_file, columns, labels)}, metric, labels or [])
+
+
+# ----------------------------------------------------------------------------------
+# Instruction tasks
+
+PROMPT = ("Below is an instruction that describes a task{context}. Write a response that "
+          "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+
+
+def format_prompt(example):
+    """The Alpaca template used by the authors' commonsense and math scripts."""
+    has_input = bool(example.get("input"))
+    return PROMPT.format(context=", paired with an input that provides further context" if has_input else "",
+                         instruction=example["instruction"],
+                         input=f"### Input:\n{example['input']}\n\n" if has_input else "")
+
+
+def read_instruct_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; instruction sets live at <data_dir>/<set>/train.json and test.json")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of objects")
+    examples = []
+    for i, row in enumerate(rows):
+        missing = [k for k in ("instruction", "output", "answer") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{path}: item {i} lacks {missing}; each item needs instruction, input, output, answer")
+        examples.append({"prompt": format_prompt(row), "response": str(row["output"]).strip(),
+                         "label": str(row["answer"]).strip()})
+    return examples
+
+
+def load_instruct(data_dir, train_sets, eval_sets):
+    data_dir = Path(data_dir)
+    train = [ex for s in train_sets for ex in read_instruct_json(data_dir / s / "train.json")]
+    evals = {s: read_instruct_json(data_dir / s / "test.json") for s in eval_sets}
+    return Task("instruct", "generation", train, evals, "accuracy")
+
+
+NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+def extract_answer(text, gold):
+    """The answer a generated text gives, in the form of `gold`: true/false; an option
+    word (option1, solution2, answer3, ending4); a letter A-E; else the last number."""
+    low = text.lower()
+    if gold in ("true", "false"):
+        found = re.search(r"\b(true|false)\b", low)
+        return found.group(1) if found else None
+    word = re.fullmatch(r"(option|solution|answer|ending)\d", gold)
+    if word:
+        found = re.search(rf"\b{word.group(1)}\d\b", low)
+        return found.group(0) if found else None
+    if re.fullmatch(r"[A-E]", gold):
+        found = re.search(r"\b([A-E])\b", text)
+        return found.group(1) if found else None
+    numbers = NUMBER.findall(text)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
+
+
+def answer_correct(text, gold):
+    pred = extract_answer(text, gold)
+    if pred is None:
+        return False
+    try:
+        return abs(float(pred) - float(gold)) < 1e-3
+    except ValueError:
+        return pred == gold
+
+
+# ----------------------------------------------------------------------------------
+# The offline default: standard-library docstrings labelled by topic
+
+DOCSTRING_TOPICS = {
+    "text": ["string", "re", "textwrap", "difflib", "unicodedata", "codecs", "locale", "gettext", "shlex"],
+    "math": ["math", "cmath", "decimal", "fractions", "random", "statistics", "numbers"],
+    "files": ["os", "pathlib", "shutil", "glob", "fnmatch", "tempfile", "filecmp", "fileinput", "io", "stat"],
+    "formats": ["json", "csv", "pickle", "zlib", "gzip", "bz2", "lzma", "zipfile", "tarfile", "base64",
+                "binascii", "struct", "configparser", "plistlib"],
+    "internet": ["socket", "ssl", "http.client", "http.server", "http.cookiejar", "urllib.request",
+                 "urllib.parse", "smtplib", "ftplib", "imaplib", "poplib", "ipaddress", "email.message",
+                 "email.utils", "mailbox", "socketserver"],
+    "concurrency": ["threading", "multiprocessing", "concurrent.futures", "asyncio", "queue",
+                    "subprocess", "sched", "selectors", "signal"],
+    "time": ["datetime", "time", "calendar", "zoneinfo"],
+    "containers": ["collections", "heapq", "bisect", "array", "itertools", "functools", "operator", "copy",
+                   "enum", "dataclasses", "weakref", "types", "contextlib", "abc"],
+    "devtools": ["unittest", "doctest", "pdb", "trace", "traceback", "inspect", "dis", "timeit", "cProfile",
+                 "profile", "pstats", "logging", "warnings", "ast", "tokenize", "argparse"],
+    "markup": ["xml.etree.ElementTree", "xml.dom.minidom", "xml.sax", "xml.sax.saxutils", "html",
+               "html.parser", "xml.dom.pulldom"],
+    "storage": ["sqlite3", "dbm", "shelve", "hashlib", "hmac", "secrets", "uuid"],
+}
+C_MODULES = {"os": "posix"}  # where a module's functions say they come from elsewhere
+
+
+def _owned(obj, module_name):
+    """Is obj defined by this module (its package, or its C accelerator _name)?"""
+    owner = getattr(obj, "__module__", None) or ""
+    return owner in (module_name, "_" + module_name, C_MODULES.get(module_name)) or owner.startswith(module_name + ".")
+
+
+def _module_docstrings(module_name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a stripped-down Python may lack e.g. sqlite3
+            return []
+    found = [(module_name, module.__doc__)]
+    for name, obj in sorted(vars(module).items()):
+        if name.startswith("_") or not _owned(obj, module_name):
+            continue
+        if inspect.isclass(obj) or inspect.isroutine(obj):
+            found.append((f"{module_name}.{name}", obj.__doc__))
+        if inspect.isclass(obj):
+            for attr, member in sorted(vars(obj).items()):
+                if not attr.startswith("_") and inspect.isroutine(member):
+                    found.append((f"{module_name}.{name}.{attr}", getattr(member, "__doc__", None)))
+    return found
+
+
+def load_docstrings(dev_fraction=0.2, min_chars=40, max_chars=300):
+    """Docstrings labelled by topic. A docstring that appears under two topics is
+    dropped, and each text appears once; the split hashes the qualified name."""
+    by_text = {}
+    for topic, modules in DOCSTRING_TOPICS.items():
+        for module_name in modules:
+            for qualname, doc in _module_docstrings(module_name):
+                if not doc or len(doc.strip()) < min_chars:
+                    continue
+                text = " ".join(inspect.cleandoc(doc).split())[:max_chars]
+                by_text.setdefault(text, set()).add((topic, qualname))
+    labels = list(DOCSTRING_TOPICS)
+    train, dev = [], []
+    for text, owners in sorted(by_text.items()):
+        topics = {topic for topic, _ in owners}
+        if len(topics) > 1:
+            continue
+        qualname = min(q for _, q in owners)
+        split = dev if zlib.crc32(qualname.encode()) % 1000 < dev_fraction * 1000 else train
+        split.append({"text": text, "text_pair": None, "label": labels.index(topics.pop()), "name": qualname})
+    return Task("docstrings", "classification", train, {"dev": dev}, "accuracy", labels)
+
+
+# ----------------------------------------------------------------------------------
+
+def load_task(task, data_dir=None, train_sets=(), eval_sets=()):
+    if task == "docstrings":
+        return load_docstrings()
+    if task in GLUE:
+        if data_dir is None:
+            raise ValueError(f"task {task} needs --data_dir, a folder in the GLUE layout ({GLUE[task][0]}/train.tsv)")
+        return load_glue(task, data_dir)
+    if task == "instruct":
+        if data_dir is None or not train_sets:
+            raise ValueError("task instruct needs --data_dir and --train_sets (e.g. --train_sets=boolq,piqa)")
+        return load_instruct(data_dir, train_sets, eval_sets or train_sets)
+    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+
+
+TASKS = ("docstrings", *GLUE, "instruct")
+
+
+def encode_classification(examples, tokenizer, max_len):
+    """Token ids per example (text, optional pair), and its label."""
+    out = []
+    for ex in examples:
+        ids = tokenizer(ex["text"], ex["text_pair"], truncation=True, max_length=max_len)["input_ids"]
+        out.append({"input_ids": ids, "label": ex["label"]})
+    return out
+
+
+def encode_generation(examples, tokenizer, max_len):
+    """Prompt + response + eos; labels mask the prompt (-100) so only the response is learned."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    out = []
+    for ex in examples:
+        prompt = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
+        response = tokenizer(" " + ex["response"], add_special_tokens=False)["input_ids"] + [eos]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids = (bos + prompt + response)[:max_len]
+        labels = ([-100] * (len(bos) + len(prompt)) + response)[:max_len]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def collate(items, pad_id, regression=False):
+    """Right-padded batch: input_ids, attention_mask and labels."""
+    width = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, it in enumerate(items):
+        ids[row, :len(it["input_ids"])] = torch.tensor(it["input_ids"])
+        mask[row, :len(it["input_ids"])] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "labels" in items[0]:  # token labels for causal LM
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        for row, it in enumerate(items):
+            labels[row, :len(it["labels"])] = torch.tensor(it["labels"])
+        batch["labels"] = labels
+    else:
+        batch["labels"] = torch.tensor([it["label"] for it in items],
+                                       dtype=torch.float if regression else torch.long)
+    return batch

@@ -1,0 +1,63 @@
+"""Plots of a train.py run (loss curve, per-layer expert load) and of a comparison
+of methods (loss curves side by side). Needs matplotlib; nothing else imports it."""
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_log(out_dir):
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in rows if "loss" in r]
+
+
+def plot_expert_load(rows, path, title=""):
+    """Heat map: layers x experts, fraction of routed tokens, from the last logged step."""
+    load = rows[-1].get("expert_load") if rows else None
+    if not load:
+        return False
+    names = list(load)
+    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.18 * len(names))))
+    image = ax.imshow([load[n] for n in names], aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(names)), [n.replace("bert.encoder.layer.", "L").replace("model.layers.", "L")
+                                      for n in names], fontsize=5)
+    ax.set_xlabel("expert")
+    experts = len(load[names[0]])
+    ax.set_title(f"{title} expert load (uniform = {1 / experts:.3f})".strip(), fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def plot_run(out_dir):
+    out_dir = Path(out_dir)
+    rows = read_log(out_dir)
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["step"] for r in rows], [r["task_loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=130)
+    plt.close(fig)
+    plot_expert_load(rows, out_dir / "expert_load.png")
+
+
+def plot_loss_curves(curves, path, title):
+    """curves: {label: [(step, loss), ...]} on one axis."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, points in curves.items():
+        ax.plot(*zip(*points), label=label, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
