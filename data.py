@@ -241,8 +241,9 @@ def extract_answer(text, gold):
     if word:
         found = re.search(rf"\b{word.group(1)}\d\b", low)
         return found.group(0) if found else None
-    if re.fullmatch(r"[A-E]", gold):
-        found = re.search(r"\b([A-E])\b", text)
+    if re.fullmatch(r"[A-E]", gold):  # the letter after the last "answer is", else the first one
+        tail = text[low.rfind("answer is"):] if "answer is" in low else text
+        found = re.search(r"\b([A-E])\b", tail)
         return found.group(1) if found else None
     numbers = NUMBER.findall(text)
     return numbers[-1].replace(",", "").rstrip(".") if numbers else None

@@ -228,7 +228,7 @@ def main(argv=None):
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=base_dtype)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=task.num_labels, dtype=base_dtype,
+            model_path, num_labels=task.num_labels, dtype=base_dtype, ignore_mismatched_sizes=True,
             problem_type="regression" if task.kind == "regression" else "single_label_classification")
     model.to(device)
     targets = args.targets if args.targets == "all-linear" else split(args.targets)
@@ -341,7 +341,8 @@ def main(argv=None):
                 enc = tokenizer([ex["prompt"] for ex in chunk], return_tensors="pt", padding=True,
                                 add_special_tokens=tokenizer.bos_token_id is not None).to(device)
                 with autocast:
-                    out = raw_model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
+                    out = raw_model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                             max_new_tokens=args.max_new_tokens, do_sample=False,
                                              pad_token_id=tokenizer.pad_token_id)
                 texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 preds += [int(data.answer_correct(t, ex["label"])) for t, ex in zip(texts, chunk)]
@@ -386,7 +387,12 @@ def main(argv=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        if master and (done % args.log_every == 0 or done == max_steps or done == start_step + 1):
+        log_now = done % args.log_every == 0 or done == max_steps or done == start_step + 1
+        if ddp and log_now:  # log the loss of the whole global batch, not rank 0's share
+            losses = torch.tensor([task_loss_sum, balance_sum], device=device)
+            dist.all_reduce(losses)
+            task_loss_sum, balance_sum = (losses / world).tolist()
+        if master and log_now:
             now = time.time()
             tok_s = tokens / max(now - t_log, 1e-9)
             left = (now - t0) / (done - start_step) * (max_steps - done)

