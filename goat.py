@@ -154,17 +154,26 @@ def init_factors(weight, cfg, scaling, name="layer"):
     return root[:, None] * Vh[idx], U[:, idx] * root[None, :]
 
 
-def route(x, router, top_k):
-    """Top-k routing. x: T x n, router: E x n.
-    Returns softmax probabilities p (T x E), the top-k indicator (T x E) and the gate
-    G = renormalised top-k probabilities (T x E, zero elsewhere). At least float32
-    (bf16 logits would make near-ties arbitrary), float64 for float64; no host sync."""
+def router_logits(x, router):
+    """x @ R^T in at least float32, also under autocast (bf16 logits would make
+    near-ties arbitrary); float64 stays float64."""
     dtype = torch.promote_types(torch.promote_types(x.dtype, router.dtype), torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        probs = F.linear(x.to(dtype), router.to(dtype)).softmax(dim=-1)
+        return F.linear(x.to(dtype), router.to(dtype))
+
+
+def gate_from_logits(logits, top_k):
+    """Softmax probabilities p (T x E), the top-k indicator (T x E), and the gate
+    G = top-k probabilities renormalised to sum to one (zero elsewhere). No host sync."""
+    probs = logits.softmax(dim=-1)
     chosen = torch.zeros_like(probs).scatter_(-1, probs.topk(top_k, dim=-1).indices, 1.0)
     kept = probs * chosen
     return probs, chosen, kept / kept.sum(dim=-1, keepdim=True)
+
+
+def route(x, router, top_k):
+    """Top-k routing of tokens x (T x n) by router R (E x n): (p, top-k indicator, G)."""
+    return gate_from_logits(router_logits(x, router), top_k)
 
 
 class _Routed(nn.Module):
@@ -249,17 +258,30 @@ class GOATLinear(_Routed):
         return self.cfg.cof * self.scaling * (self.lora_B0 @ self.lora_A0)
 
     def forward(self, x):
-        y = self.base(x)
         xs = x.reshape(-1, x.shape[-1])
-        # one dropout mask shared by all experts; the router sees the clean input
-        u = F.linear(self.lora_dropout(xs.to(self.lora_A.dtype)), self.lora_A)  # T x r
-        if self.lora_router is not None:
-            probs, chosen, gate = route(xs, self.lora_router, self.top_k)
+        y = self.base(xs)  # W_res x + b, T x m
+        xa = xs.to(self.lora_A.dtype)
+        if self.lora_router is None:  # plain LoRA
+            u = F.linear(self.lora_dropout(xa), self.lora_A) * self.scaling
+        else:
+            dropout_on = self.training and isinstance(self.lora_dropout, nn.Dropout)
+            if dropout_on or torch.is_autocast_enabled(x.device.type):
+                # one dropout mask shared by all experts; the router sees the clean input
+                u = F.linear(self.lora_dropout(xa), self.lora_A)  # T x r
+                logits = router_logits(xs, self.lora_router)
+            else:  # same input for both: one pass over x computes A x and the router logits
+                both = F.linear(xa, torch.cat([self.lora_A, self.lora_router]))
+                u, logits = both[:, :self.cfg.rank], both[:, self.cfg.rank:]
+            probs, chosen, gate = gate_from_logits(logits, self.top_k)
             self._remember(probs, chosen)
-            # expand(G): each expert's gate weight over its d rank slots, via a view
-            u = (u.view(-1, self.experts, self.expert_rank) * gate.unsqueeze(-1).to(u.dtype)).view_as(u)
-        delta = F.linear(u, self.lora_B) * self.scaling
-        return y + delta.view(*x.shape[:-1], -1).to(y.dtype)
+            # expand(G): each expert's gate weight (times s) over its d rank slots, via a view
+            weights = (gate * self.scaling).to(u.dtype).unsqueeze(-1)
+            u = (u.view(-1, self.experts, self.expert_rank) * weights).view_as(u)
+        if u.dtype == y.dtype or torch.is_autocast_enabled(x.device.type):
+            out = torch.addmm(y, u, self.lora_B.t())  # y + B u in one kernel
+        else:  # e.g. a bf16 base without autocast: adapter in float32, sum cast back
+            out = y + F.linear(u, self.lora_B).to(y.dtype)
+        return out.view(*x.shape[:-1], -1)
 
     def extra_repr(self):
         return (f"rank={self.cfg.rank}, experts={self.experts}, top_k={self.top_k}, "
