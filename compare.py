@@ -4,7 +4,7 @@ budget and learning-rate rule, several seeds. Prints a table (mean and spread pe
 task, and the average) and saves plots: training-loss curves per method and the
 per-layer expert load of GOAT.
 
-    python compare.py --data_dir=../shared/data/glue        # about 70 minutes on 2 CPU cores
+    python compare.py --data_dir=../shared/data/glue        # about 65 minutes on 2 CPU cores
     python compare.py --report_only                          # table and plots from finished runs
 
 Each run is train.py in this process, with its own out_dir under --runs_dir; a
@@ -26,8 +26,9 @@ METHODS = {
     "pissa": ["--method=pissa"],
     "milora": ["--method=milora"],
     "molora": ["--method=molora"],
-    "goat": ["--method=goat"],                                 # paper scaling s = sqrt(3 eta n / d)
-    "goat (alpha)": ["--method=goat", "--scaling=alpha"],      # s = alpha / d, the released scripts
+    "goat": ["--method=goat"],                  # paper scaling s = sqrt(3 eta n / d), eta = 5e-5 / 5e-4
+    "goat (eta 1)": ["--method=goat", "--eta=1"],  # paper scaling with eta = 1
+    "goat (alpha)": ["--method=goat", "--scaling=alpha"],  # s = alpha / d = 16, the released scripts
 }
 
 

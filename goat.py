@@ -25,7 +25,7 @@ The adapter cannot be merged into the base weight: routing depends on the input.
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -134,8 +134,13 @@ def svd_indices(init, h, rank, experts):
     raise ValueError(f"{init!r} is not an SVD init")
 
 
-def init_factors(weight, cfg, scaling, name="layer"):
-    """Initial (A0, B0): r x n and m x r, float32 (float64 for float64 weights)."""
+def init_factors(weight, cfg, scaling, name="layer", svd_device=None):
+    """Initial (A0, B0): r x n and m x r, float32 (float64 for float64 weights), on
+    the weight's device. `svd_device` (e.g. "cuda") factorises there instead: one
+    layer at a time, so a model kept on the CPU is initialised at GPU speed."""
+    if svd_device is not None and cfg.init in SVD_INITS:
+        A, B = init_factors(weight.to(svd_device), cfg, scaling, name)
+        return A.to(weight.device), B.to(weight.device)
     m, n = weight.shape
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     if cfg.init == "lora":  # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(n), 1/sqrt(n)), B = 0
@@ -226,7 +231,7 @@ class GOATLinear(_Routed):
     The adapter cannot be merged into the weight: the gate depends on the input.
     """
 
-    def __init__(self, base, cfg, name="layer", factors=None):
+    def __init__(self, base, cfg, name="layer", factors=None, svd_device=None):
         super().__init__()
         _check_linear(base, name)
         m, n = base.weight.shape
@@ -236,7 +241,7 @@ class GOATLinear(_Routed):
         self.experts, self.top_k, self.expert_rank = cfg.experts, cfg.top_k, cfg.expert_rank
         self.scaling = resolve_scaling(cfg, n)
         self.fingerprint = weight_fingerprint(base.weight)
-        A0, B0 = init_factors(base.weight, cfg, self.scaling, name) if factors is None else factors
+        A0, B0 = init_factors(base.weight, cfg, self.scaling, name, svd_device) if factors is None else factors
         dtype = A0.dtype
         self.register_buffer("lora_A0", A0.clone())
         self.register_buffer("lora_B0", B0.clone())
@@ -385,12 +390,12 @@ def _swap(model, names, make):
     return names
 
 
-def add_goat(model, cfg, targets="all-linear", exclude=DEFAULT_EXCLUDE):
+def add_goat(model, cfg, targets="all-linear", exclude=DEFAULT_EXCLUDE, svd_device=None):
     """Wrap the target nn.Linear modules of `model` in place with GOATLinear, freeze
     everything else, return the wrapped names. Train a head afterwards with
-    `head.requires_grad_(True)`."""
+    `head.requires_grad_(True)`. `svd_device`: where to run the SVD inits."""
     names = find_targets(model, targets, exclude)
-    return _swap(model, names, lambda mod, name: GOATLinear(mod, cfg, name))
+    return _swap(model, names, lambda mod, name: GOATLinear(mod, cfg, name, svd_device=svd_device))
 
 
 def add_upcycled_moe(model, experts=8, top_k=2, targets="all-linear", exclude=DEFAULT_EXCLUDE):

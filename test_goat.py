@@ -141,6 +141,16 @@ def test_matches_authors_reference_init_and_loop(shape):
         torch.testing.assert_close(dense[name], loop[name], rtol=1e-4, atol=1e-5)
 
 
+def test_svd_on_another_device_gives_the_same_factors():
+    torch.manual_seed(10)
+    base = nn.Linear(40, 32)
+    cfg = GOATConfig(rank=8, experts=4, dropout=0.0)
+    here, there = GOATLinear(copy.deepcopy(base), cfg), GOATLinear(copy.deepcopy(base), cfg, svd_device="cpu")
+    for name in ("lora_A0", "lora_B0"):
+        torch.testing.assert_close(getattr(here, name), getattr(there, name))
+    torch.testing.assert_close(here.base.weight, there.base.weight)
+
+
 # --- SPEC 4.2: the residual (Thm 3.4) ---------------------------------------------
 
 @given(layer_setups(inits=goat.SVD_INITS))

@@ -89,7 +89,8 @@ def glue_dir(tmp_path_factory):
 
 
 def common(model_dir, out_dir, *extra):
-    return [f"--model={model_dir}", f"--out_dir={out_dir}", "--log_every=1", "--ckpt_every=1000", *extra]
+    # eta=1: tiny random models learn at large learning rates, where the default eta (5e-5 / lr) is tiny
+    return [f"--model={model_dir}", f"--out_dir={out_dir}", "--log_every=1", "--ckpt_every=1000", "--eta=1", *extra]
 
 
 def read_losses(out_dir):

@@ -63,7 +63,8 @@ def parse_args(argv=None):
     a("--experts", type=int, default=None, help="default: the method's preset (8 for goat, molora)")
     a("--top_k", type=int, default=None)
     a("--scaling", default=None, help="paper | alpha | rslora | a number (default: the method's preset)")
-    a("--eta", type=float, default=1.0, help="lr_full / lr_lora, for paper scaling")
+    a("--eta", type=float, default=None,
+      help="lr_full / lr_lora for paper scaling (default: 5e-5 / lr, our full fine-tuning lr over this run's)")
     a("--rho", type=float, default=None)
     a("--init_cof", type=float, default=None)
     a("--lora_dropout", type=float, default=0.05)
@@ -107,6 +108,8 @@ def parse_args(argv=None):
         args.alpha = 2.0 * args.rank
     if args.lr is None:
         args.lr = 5e-5 if args.method.startswith("full") else 5e-4
+    if args.eta is None:  # the paper's eta = lr_full / lr_lora, with our full fine-tuning default
+        args.eta = 5e-5 / args.lr
     return args
 
 
@@ -230,6 +233,10 @@ def main(argv=None):
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=task.num_labels, dtype=base_dtype, ignore_mismatched_sizes=True,
             problem_type="regression" if task.kind == "regression" else "single_label_classification")
+    if base_dtype != torch.float32:  # a trained head keeps float32 weights for AdamW
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in goat.DEFAULT_EXCLUDE and name.split(".")[-1] != "lm_head":
+                module.float()
     model.to(device)
     targets = args.targets if args.targets == "all-linear" else split(args.targets)
     if args.adapter:
