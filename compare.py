@@ -88,7 +88,9 @@ def table(scores, tasks, methods, seeds, sizes):
         avg = f"{statistics.mean(means) * 100:.1f}" if len(means) == len(tasks) else "-"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {avg} |")
     counts = ", ".join(f"{t} {sizes[t]}" for t in tasks)
-    lines.append(f"\nMean ± standard deviation over seeds {seeds} (x100); training examples: {counts}.")
+    found = {t: max((len(scores.get((t, m), [])) for m in methods), default=0) for t in tasks}
+    lines.append(f"\nDev metric x100, mean ± standard deviation over the seeds run (of {seeds}: "
+                 + ", ".join(f"{t} {n}" for t, n in found.items()) + f"); training examples: {counts}.")
     return "\n".join(lines)
 
 

@@ -239,15 +239,15 @@ def main(argv=None):
                 module.float()
     model.to(device)
     targets = args.targets if args.targets == "all-linear" else split(args.targets)
-    if args.adapter:
+    if args.method == "full-moe":  # E trainable copies of every target weight; everything trains
+        goat.add_upcycled_moe(model, args.experts or 8, args.top_k or 2, targets)
+        model.requires_grad_(True)
+    if args.adapter:  # a trained adapter (or full weights) on top of the pristine model
         load_trainable_state(model, read_adapter(args.adapter))
     elif args.method in ADAPTER_METHODS:
         goat.add_goat(model, method_config(args), targets)
         for p in head_parameters(model).values():
             p.requires_grad_(True)
-    elif args.method == "full-moe":
-        goat.add_upcycled_moe(model, args.experts or 8, args.top_k or 2, targets)
-        model.requires_grad_(True)
     model.to(device)
     routed = any(isinstance(m, goat._Routed) and m.experts > 1 for m in model.modules())
     params = [p for p in model.parameters() if p.requires_grad]
