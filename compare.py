@@ -104,6 +104,28 @@ def smoothed_curve(out_dir, window=5):
     return points
 
 
+def loss_statistics(args, tasks, methods, seeds):
+    """Per task: each method's mean |loss - full fine-tuning's loss| along training
+    (smoothed curves, same seeds), and its mean loss over the first half of training."""
+    lines = ["\n| task | method | gap to full's loss curve | first-half mean loss |", "|---|---|---|---|"]
+    for task in tasks:
+        for method in methods:
+            gaps, early = [], []
+            for seed in seeds:
+                mine = run_dir(args.runs_dir, task, method, seed)
+                full = run_dir(args.runs_dir, task, "full", seed)
+                if not (mine / "result.json").exists():
+                    continue
+                curve = smoothed_curve(mine, window=10)
+                early.append(statistics.mean(loss for _, loss in curve[:len(curve) // 2]))
+                if method != "full" and (full / "result.json").exists():
+                    gaps += [abs(a[1] - b[1]) for a, b in zip(curve, smoothed_curve(full, window=10))]
+            if early:
+                gap = f"{statistics.mean(gaps):.3f}" if gaps else "-"
+                lines.append(f"| {task} | {method} | {gap} | {statistics.mean(early):.3f} |")
+    return "\n".join(lines)
+
+
 def plots(args, tasks, methods, seeds, results_dir):
     import plots as P
     for task in tasks:
@@ -143,7 +165,7 @@ def main():
     if not args.report_only:
         run_all(args, tasks, methods, seeds, sizes)
     scores = collect(args, tasks, methods, seeds)
-    text = table(scores, tasks, methods, seeds, sizes)
+    text = table(scores, tasks, methods, seeds, sizes) + "\n" + loss_statistics(args, tasks, methods, seeds)
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "compare.md").write_text(text + "\n")
