@@ -4,7 +4,7 @@ budget and learning-rate rule, several seeds. Prints a table (mean and spread pe
 task, and the average) and saves plots: training-loss curves per method and the
 per-layer expert load of GOAT.
 
-    python compare.py --data_dir=../shared/data/glue        # about 65 minutes on 2 CPU cores
+    python compare.py --data_dir=../shared/data/glue        # about 80 minutes on 2 CPU cores
     python compare.py --report_only                          # table and plots from finished runs
 
 Each run is train.py in this process, with its own out_dir under --runs_dir; a
