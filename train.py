@@ -270,21 +270,23 @@ def main(argv=None):
         progress = (step - warmup) / max(1, max_steps - warmup)
         return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    def epoch_order(epoch, _cache={}):
+    order_cache = {}  # the current epoch's batches; recomputed once per epoch
+
+    def epoch_order(epoch):
         """Example order of an epoch: a seeded permutation, then sorted by length
         inside windows of 50 global batches, whose batches are shuffled again: little
         padding, still random. A function of (seed, epoch) alone, so resuming at any
         step needs nothing else."""
-        if epoch not in _cache:
+        if epoch not in order_cache:
             gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
             perm = torch.randperm(len(train_items), generator=gen).tolist()
             window = 50 * global_batch
             perm = [i for w in range(0, len(perm), window)
                     for i in sorted(perm[w:w + window], key=lambda i: len(train_items[i]["input_ids"]))]
             batches = [perm[b * global_batch:(b + 1) * global_batch] for b in range(steps_per_epoch)]
-            _cache.clear()
-            _cache[epoch] = [batches[b] for b in torch.randperm(len(batches), generator=gen).tolist()]
-        return _cache[epoch]
+            order_cache.clear()
+            order_cache[epoch] = [batches[b] for b in torch.randperm(len(batches), generator=gen).tolist()]
+        return order_cache[epoch]
 
     def micro_batch(step, micro):
         """This rank's share of micro-step `micro` of optimizer step `step`."""
