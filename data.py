@@ -336,6 +336,20 @@ def load_docstrings(dev_fraction=0.2, min_chars=40, max_chars=300):
 
 # ----------------------------------------------------------------------------------
 
+VALIDATION_SEED = 20250223  # the split must not move with --seed: every run tunes on the same examples
+
+
+def split_validation(examples, count):
+    """(train, val): `count` examples drawn by a fixed seed are held out for choosing
+    hyperparameters, so the reported dev set is never looked at while tuning."""
+    if not 0 < count < len(examples):
+        raise ValueError(f"--val_examples={count}: must lie between 1 and the {len(examples) - 1} "
+                         f"training examples that leave at least one to train on")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(VALIDATION_SEED)).tolist()
+    held = set(order[:count])
+    return ([ex for i, ex in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])
+
+
 def load_task(task, data_dir=None, train_sets=(), eval_sets=()):
     if task == "docstrings":
         return load_docstrings()

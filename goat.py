@@ -50,6 +50,7 @@ class GOATConfig:
     rho: float = 10.0         # SVD inits put S / rho into the adapter
     init_cof: float = None    # c in W_res = W0 - c s sum B_i A_i; None means 1/E
     dropout: float = 0.05
+    segments: int = None      # goat/goat_mini: equal spectrum segments; None means E (an ablation sets it)
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -67,10 +68,16 @@ class GOATConfig:
             raise ValueError(f"top_k {self.top_k} must lie in [1, experts={self.experts}]")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout} must lie in [0, 1)")
+        if self.segments is not None and (self.segments < 1 or self.rank % self.segments):
+            raise ValueError(f"segments {self.segments} must be positive and divide rank {self.rank}")
 
     @property
     def expert_rank(self):
         return self.rank // self.experts
+
+    @property
+    def n_segments(self):
+        return self.experts if self.segments is None else self.segments
 
     @property
     def cof(self):
@@ -120,13 +127,14 @@ def resolve_scaling(cfg, n):
     return float(cfg.scaling)
 
 
-def svd_indices(init, h, rank, experts):
-    """Singular-value indices given to the experts, concatenated expert by expert."""
-    d, t = rank // experts, h // experts  # per-expert rank, spectrum segment length
+def svd_indices(init, h, rank, segments):
+    """Singular-value indices given to the experts, concatenated expert by expert.
+    goat/goat_mini cut the spectrum into `segments` equal parts (one per expert)."""
+    d, t = rank // segments, h // segments  # components per segment, segment length
     if init == "goat":  # top of each of E equal segments of the spectrum
-        return [j for i in range(experts) for j in range(i * t, i * t + d)]
+        return [j for i in range(segments) for j in range(i * t, i * t + d)]
     if init == "goat_mini":  # bottom of each segment
-        return [j for i in range(experts) for j in range((i + 1) * t - d, (i + 1) * t)]
+        return [j for i in range(segments) for j in range((i + 1) * t - d, (i + 1) * t)]
     if init == "pissa":  # principal components
         return list(range(rank))
     if init == "milora":  # minor components
@@ -147,14 +155,14 @@ def init_factors(weight, cfg, scaling, name="layer", svd_device=None):
         A = torch.empty(cfg.rank, n, dtype=dtype, device=weight.device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         return A, torch.zeros(m, cfg.rank, dtype=dtype, device=weight.device)
-    h = min(m, n)
-    d, t = cfg.expert_rank, h // cfg.experts
+    h, segments = min(m, n), cfg.n_segments
+    d, t = cfg.rank // segments, h // segments
     if t < d:
-        raise ValueError(f"{name}: SVD segment length min(out, in) / experts = {h}/{cfg.experts} = {t} "
+        raise ValueError(f"{name}: SVD segment length min(out, in) / segments = {h}/{segments} = {t} "
                          f"is shorter than the per-expert rank {d}; lower rank or experts")
     # bf16/fp16 have no SVD kernel: factorise in float32 (float64 stays float64), cast back once.
     U, S, Vh = torch.linalg.svd(weight.detach().to(dtype), full_matrices=False)
-    idx = torch.tensor(svd_indices(cfg.init, h, cfg.rank, cfg.experts), device=weight.device)
+    idx = torch.tensor(svd_indices(cfg.init, h, cfg.rank, segments), device=weight.device)
     root = (S[idx] / (scaling * cfg.rho)).sqrt()   # sqrt(S_I'), S_I' = S_I / (s rho)
     return root[:, None] * Vh[idx], U[:, idx] * root[None, :]
 

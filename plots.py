@@ -61,3 +61,19 @@ def plot_loss_curves(curves, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def plot_lr_sweeps(sweeps, path):
+    """sweeps: {method: [(lr, mean validation metric), ...]}: one line per method, log lr axis."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in sweeps.items():
+        points = sorted(points)
+        ax.plot([lr for lr, _ in points], [100 * v for _, v in points], marker="o", label=label, linewidth=1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("mean validation metric x100")
+    ax.set_title("Learning-rate sweeps (seed 0, mean over tasks)", fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

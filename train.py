@@ -65,6 +65,8 @@ def parse_args(argv=None):
     a("--scaling", default=None, help="paper | alpha | rslora | a number (default: the method's preset)")
     a("--eta", type=float, default=None,
       help="lr_full / lr_lora for paper scaling (default: 5e-5 / lr, our full fine-tuning lr over this run's)")
+    a("--init", default=None, choices=goat.INITS, help="adapter init (default: the method's preset)")
+    a("--segments", type=int, default=None, help="goat/goat_mini init: spectrum segments (default: experts)")
     a("--rho", type=float, default=None)
     a("--init_cof", type=float, default=None)
     a("--lora_dropout", type=float, default=0.05)
@@ -78,6 +80,8 @@ def parse_args(argv=None):
     a("--warmup", type=float, default=0.06, help="steps, or a fraction of them if below 1")
     a("--grad_clip", type=float, default=1.0)
     a("--max_len", type=int, default=128)
+    a("--val_examples", type=int, default=0,
+      help="hold out this many training examples (fixed split, whatever --seed) as a 'val' set for tuning")
     a("--max_train_examples", type=int, default=None)
     a("--max_eval_examples", type=int, default=None)
     a("--max_new_tokens", type=int, default=32, help="instruct: generation length at evaluation")
@@ -115,7 +119,7 @@ def parse_args(argv=None):
 
 def method_config(args):
     overrides = dict(rank=args.rank, alpha=args.alpha, eta=args.eta, dropout=args.lora_dropout)
-    for name in ("experts", "top_k", "scaling", "rho", "init_cof"):
+    for name in ("experts", "top_k", "init", "segments", "scaling", "rho", "init_cof"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return goat.preset(args.method, **overrides)
@@ -211,6 +215,8 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     split = lambda s: [x for x in s.split(",") if x]
     task = data.load_task(args.task, args.data_dir, split(args.train_sets), split(args.eval_sets))
+    if args.val_examples:
+        task.train, task.evals["val"] = data.split_validation(task.train, args.val_examples)
     if args.max_train_examples:
         order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(args.seed))
         task.train = [task.train[i] for i in order[:args.max_train_examples].tolist()]

@@ -1,0 +1,577 @@
+"""
+The comparison study: GOAT against every baseline on all-MiniLM-L6-v2, each method
+tuned by the same rule on held-out training data, several seeds, intervals.
+
+    python study.py                     # run what is missing (resumable), then report
+    python study.py --report_only       # every table and plot from results/study/ alone
+    python study.py --next              # the runs the plan would start now
+
+Parts, in the order they run (later parts need the learning rates chosen earlier):
+1. tune: seed 0 of every method over its learning-rate grid (GOAT: lr x eta) on
+   every task, trained on the training data minus a fixed validation split.
+   One setting per method across tasks, the best mean validation score; a best
+   value at the edge of its grid extends the grid by the next value.
+2. seeds: seeds 1 and 2 at each method's chosen setting (seed 0 is its tuning run).
+3. full-moe: the upcycled full MoE (8 full copies of every Linear) on SST-2, at
+   full fine-tuning's chosen lr, seeds 0 and 1; every method's loss curve against it.
+4. ablation: GOAT's parts on CoLA (scaling, SVD inits, residual, no mixture), seeds 0-2,
+   at GOAT's chosen setting.
+5. rank8: total rank 8 (8 experts of rank 1), LoRA / MoLoRA / GOAT on CoLA, seeds 0-2.
+
+Each run is `python train.py ...` in a subprocess with one thread (results depend
+on the thread count); its small result file (metrics, flags, loss curve, expert
+load, seconds, code commit) goes to results/study/runs/ and is never rewritten,
+so the study continues on a fresh machine where it stopped. The report
+(results/study.md and results/study_*.png) is computed from those files alone.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# task: (training examples, None for all; validation examples held out of the training file)
+TASKS = {"docstrings": (None, 400), "sst2": (4000, 1000), "cola": (None, 1000)}
+TASK_NAMES = {"docstrings": "docstrings acc", "sst2": "SST-2 acc", "cola": "CoLA mcc"}
+COMMON = ["--epochs=3", "--batch_size=32", "--rank=32", "--alpha=64", "--warmup=0.06", "--balance_coef=1e-3",
+          "--lora_dropout=0.05", "--max_len=128", "--grad_clip=1.0", "--log_every=5", "--ckpt_every=1000000"]
+LR_LADDER = [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # log-spaced, about x3 apart
+ETA_LADDER = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+SEEDS = (0, 1, 2)
+
+
+@dataclass
+class Method:
+    flags: list
+    lrs: list                                   # the starting grid, extended at an edge
+    etas: list = field(default_factory=list)    # GOAT's second axis (paper scaling's eta)
+
+
+METHODS = {  # headline methods; all adapters at total rank 32 (alpha 64)
+    "full": Method(["--method=full"], [3e-5, 1e-4, 3e-4]),
+    "lora": Method(["--method=lora"], [3e-4, 1e-3, 3e-3]),
+    "pissa": Method(["--method=pissa"], [1e-4, 3e-4, 1e-3]),
+    "milora": Method(["--method=milora"], [3e-4, 1e-3, 3e-3]),
+    "molora": Method(["--method=molora"], [3e-4, 1e-3, 3e-3]),
+    "goat": Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.1, 1.0, 10.0]),  # paper scaling s = sqrt(3 eta n / d)
+    "goat (alpha)": Method(["--method=goat", "--scaling=alpha"], [1e-4, 3e-4, 1e-3]),  # authors' scripts: s = 16
+}
+# Ablations of GOAT on one task at GOAT's chosen (lr, eta): each changes one part.
+ABLATION_TASK = "cola"
+ABLATIONS = {
+    "no scaling (s = alpha/r = 2)": ["--method=goat", "--scaling=2"],
+    "no SVD init (lora init)": ["--method=goat", "--init=lora"],
+    "principal init (top r)": ["--method=goat", "--init=pissa"],
+    "minor init (bottom r)": ["--method=goat", "--init=milora"],
+    "segment bottoms (goat_mini)": ["--method=goat", "--init=goat_mini"],
+    "residual c = 0 (W_res = W0)": ["--method=goat", "--init_cof=0"],
+    "residual c = 1 (PiSSA-style)": ["--method=goat", "--init_cof=1"],
+    "one LoRA on GOAT's segments": ["--method=goat", "--experts=1", "--top_k=1", "--segments=8", "--init_cof=1"],
+}
+RANK8_TASK = "cola"
+RANK8 = {  # the paper's image-classification regime: rank 8, alpha 16, 8 experts of rank 1
+    "lora r8": ("lora", ["--method=lora", "--rank=8", "--alpha=16"]),
+    "molora r8": ("molora", ["--method=molora", "--rank=8", "--alpha=16"]),
+    "goat r8": ("goat", ["--method=goat", "--rank=8", "--alpha=16"]),
+}
+FULL_MOE_TASK = "sst2"
+
+
+@dataclass(frozen=True)
+class Run:
+    part: str
+    task: str
+    label: str
+    lr: float
+    seed: int
+    eta: float = None
+    flags: tuple = ()
+
+    @property
+    def id(self):
+        slug = "".join(c if c.isalnum() else "-" for c in self.label).strip("-")
+        while "--" in slug:
+            slug = slug.replace("--", "-")
+        eta = "" if self.eta is None else f"_eta{self.eta:g}"
+        return f"{self.task}_{slug}_lr{self.lr:g}{eta}_s{self.seed}"
+
+    def argv(self, data_dir, out_dir):
+        train_n, val_n = TASKS[self.task]
+        argv = [f"--task={self.task}", f"--data_dir={data_dir}", f"--val_examples={val_n}", f"--seed={self.seed}",
+                f"--lr={self.lr:g}", f"--out_dir={out_dir}", *COMMON, *self.flags]
+        if train_n:
+            argv.append(f"--max_train_examples={train_n}")
+        if self.eta is not None:
+            argv.append(f"--eta={self.eta:g}")
+        return argv
+
+
+# ---------------------------------------------------------------------------------
+# The plan: which runs exist, which are due, and what was chosen
+
+
+def load_results(results_dir):
+    runs = {}
+    for path in sorted((Path(results_dir) / "runs").glob("*.json")):
+        result = json.loads(path.read_text())
+        runs[result["id"]] = result
+    return runs
+
+
+def val_score(result):
+    """Validation metric of a run; a diverged run ranks below every finished one."""
+    return result["val"] if result.get("status") == "ok" else -math.inf
+
+
+def neighbour(ladder, value, step):
+    i = min(range(len(ladder)), key=lambda j: abs(math.log(ladder[j] / value)))
+    j = i + step
+    return ladder[j] if 0 <= j < len(ladder) else None
+
+
+def tuning(label, results):
+    """(runs of the current grid, chosen (lr, eta) or None while the grid is incomplete,
+    the grid's mean validation score per (lr, eta)). Extends the grid while the best
+    point lies on its edge."""
+    method = METHODS[label]
+    lrs, etas = sorted(method.lrs), sorted(method.etas) or [None]
+    while True:
+        grid = [Run("tune", task, label, lr, 0, eta, tuple(method.flags))
+                for lr in lrs for eta in etas for task in TASKS]
+        if any(r.id not in results for r in grid):
+            return grid, None, None
+        means = {}
+        for lr in lrs:
+            for eta in etas:
+                scores = [val_score(results[Run("tune", t, label, lr, 0, eta).id]) for t in TASKS]
+                means[(lr, eta)] = statistics.mean(scores) if all(map(math.isfinite, scores)) else -math.inf
+        lr, eta = max(means, key=means.get)
+        grew = False
+        for axis, ladder, value in ((lrs, LR_LADDER, lr), (etas, ETA_LADDER, eta)):
+            if value is None or len(axis) < 2:
+                continue
+            step = -1 if value == axis[0] else (1 if value == axis[-1] else 0)
+            extra = neighbour(ladder, value, step) if step else None
+            if extra is not None and extra not in axis:
+                axis.append(extra)
+                axis.sort()
+                grew = True
+        if not grew:
+            return grid, (lr, eta), means
+
+
+def plan(results):
+    """Every run the study needs given what has finished, in priority order: tuning,
+    then the headline seeds, the full MoE, the ablations and the rank-8 regime."""
+    runs, chosen = [], {}
+    for label in METHODS:
+        grid, pick, _ = tuning(label, results)
+        runs += grid
+        if pick:
+            chosen[label] = pick
+    for label, (lr, eta) in chosen.items():
+        runs += [Run("seeds", t, label, lr, s, eta, tuple(METHODS[label].flags)) for s in SEEDS[1:] for t in TASKS]
+    if "full" in chosen:
+        runs += [Run("full-moe", FULL_MOE_TASK, "full-moe", chosen["full"][0], s, None, ("--method=full-moe",))
+                 for s in SEEDS[:2]]
+    if "goat" in chosen:
+        lr, eta = chosen["goat"]
+        runs += [Run("ablation", ABLATION_TASK, label, lr, s, eta, tuple(flags))
+                 for s in SEEDS for label, flags in ABLATIONS.items()]
+    for label, (base, flags) in RANK8.items():
+        if base in chosen:
+            lr, eta = chosen[base]
+            runs += [Run("rank8", RANK8_TASK, label, lr, s, eta, tuple(flags)) for s in SEEDS]
+    return runs, chosen
+
+
+# ---------------------------------------------------------------------------------
+# Running
+
+
+def summarise(run, argv, out_dir, seconds, returncode, log_tail, commit):
+    """The small, committed record of one run."""
+    record = {"id": run.id, "part": run.part, "task": run.task, "label": run.label, "lr": run.lr, "eta": run.eta,
+              "seed": run.seed, "argv": argv[:], "seconds": round(seconds, 1), "threads": 1, "commit": commit}
+    record["argv"] = [a for a in argv if not a.startswith(("--out_dir", "--data_dir"))]
+    result_path = out_dir / "result.json"
+    if returncode != 0 or not result_path.exists():
+        diverged = any(word in log_tail.lower() for word in ("non-finite", "nan", "inf loss"))
+        record.update(status="diverged" if diverged else "failed", log_tail=log_tail[-2000:])
+        return record
+    result = json.loads(result_path.read_text())
+    metric = result["main_metric"]
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "task_loss" in r]
+    curve = [[r["step"], round(r["task_loss"], 5)] for r in rows]
+    finite = all(math.isfinite(loss) for _, loss in curve)
+    record.update(status="ok" if finite else "diverged", metric=metric,
+                  val=result["metrics"]["val"][metric], dev=result["metrics"]["dev"][metric],
+                  majority={k: v[metric] for k, v in (result.get("majority_baseline") or {}).items()},
+                  steps=result["steps"], train_examples=result["train_examples"],
+                  trainable_params=result["trainable_params"], loss_curve=curve,
+                  expert_load=rows[-1].get("expert_load") if rows else None)
+    return record
+
+
+def execute(run, args, commit):
+    out_dir = Path(args.runs_dir) / run.id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    argv = run.argv(args.data_dir, out_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    t0 = time.time()
+    with open(out_dir / "log.txt", "w") as log:
+        code = subprocess.call([sys.executable, str(Path(args.code_dir) / "train.py"), *argv],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.code_dir)
+    tail = (out_dir / "log.txt").read_text(errors="replace")[-4000:]
+    record = summarise(run, argv, out_dir, time.time() - t0, code, tail, commit)
+    for heavy in ("ckpt.pt", "model.safetensors", "adapter.safetensors"):  # the record is what is kept
+        (out_dir / heavy).unlink(missing_ok=True)
+    if record["status"] == "failed":
+        return record  # a bug, not a result: reported, never written, retried on the next start
+    path = Path(args.results_dir) / "runs" / f"{run.id}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+    return record
+
+
+def run_study(args):
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.code_dir,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    (Path(args.results_dir) / "runs").mkdir(parents=True, exist_ok=True)
+    failed, running = set(), {}
+    with ThreadPoolExecutor(args.workers) as pool:
+        while True:
+            results = load_results(args.results_dir)
+            due = [r for r in plan(results)[0] if r.id not in results and r.id not in failed
+                   and r.id not in {x.id for x in running.values()}]
+            for run in due[:args.workers - len(running)]:
+                print(f"start {run.part:8} {run.id}", flush=True)
+                running[pool.submit(execute, run, args, commit)] = run
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run, record = running.pop(future), future.result()
+                score = f"val {record['val']:.4f} dev {record['dev']:.4f}" if record["status"] == "ok" else ""
+                print(f"done  {run.part:8} {run.id}: {record['status']} {score} in {record['seconds']:.0f}s", flush=True)
+                if record["status"] == "failed":
+                    failed.add(run.id)
+                    print(record["log_tail"][-1500:], flush=True)
+    if failed:
+        print(f"{len(failed)} run(s) failed (not recorded): {sorted(failed)}")
+
+
+# ---------------------------------------------------------------------------------
+# Report: tables and plots from the result files alone
+
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_interval(values):
+    """Mean and half-width of the two-sided 95% Student t interval (None for fewer than 2 values)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, None
+    df = len(values) - 1
+    t = T975[df - 1] if df <= len(T975) else 1.96
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def fmt_mean_std(values):
+    if not values:
+        return "-"
+    spread = f" ± {statistics.stdev(values) * 100:.1f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values) * 100:.1f}{spread}"
+
+
+def fmt_interval(values):
+    mean, half = t_interval(values)
+    return f"{mean * 100:+.1f}" + (f" [{(mean - half) * 100:+.1f}, {(mean + half) * 100:+.1f}]" if half is not None else "")
+
+
+def lr_text(lr, eta=None):
+    return f"{lr:g}" + ("" if eta is None else f", eta {eta:g}")
+
+
+class Study:
+    """The finished runs, indexed; every table is a method of this."""
+
+    def __init__(self, results):
+        self.results = results
+        self.runs, self.chosen = plan(results)
+
+    def get(self, task, label, lr, seed, eta=None):
+        result = self.results.get(Run("", task, label, lr, seed, eta).id)
+        return result if result and result["status"] == "ok" else None
+
+    def setting(self, label):
+        """(lr, eta) a label ran at in the later parts: its own choice, or its base method's."""
+        if label in self.chosen:
+            return self.chosen[label]
+        if label == "full-moe":
+            return (self.chosen["full"][0], None) if "full" in self.chosen else None
+        base = RANK8[label][0] if label in RANK8 else "goat"
+        return self.chosen.get(base)
+
+    def finished(self, task, label, seeds=SEEDS):
+        """{seed: result} of a label's runs at its setting."""
+        setting = self.setting(label)
+        if setting is None:
+            return {}
+        found = {s: self.get(task, label, setting[0], s, setting[1]) for s in seeds}
+        return {s: r for s, r in found.items() if r}
+
+    def dev_scores(self, task, label, lr, eta, seeds=SEEDS):
+        """{seed: dev metric} of the runs that finished at (lr, eta)."""
+        found = {s: self.get(task, label, lr, s, eta) for s in seeds}
+        return {s: r["dev"] for s, r in found.items() if r}
+
+    def headline(self):
+        lines = ["| method | lr (grid) | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | avg |",
+                 "|---|---|" + "---|" * (len(TASKS) + 1)]
+        for label in METHODS:
+            grid, pick, means = tuning(label, self.results)
+            lrs = sorted({r.lr for r in grid})
+            etas = sorted({r.eta for r in grid if r.eta is not None})
+            grid_text = ", ".join(f"{x:g}" for x in lrs) + (f"; eta {', '.join(f'{e:g}' for e in etas)}" if etas else "")
+            if not pick:
+                lines.append(f"| {label} | tuning ({grid_text}) |" + " - |" * (len(TASKS) + 1))
+                continue
+            cells, means_task = [], []
+            for task in TASKS:
+                scores = list(self.dev_scores(task, label, *pick).values())
+                cells.append(fmt_mean_std(scores))
+                if scores:
+                    means_task.append(statistics.mean(scores))
+            avg = f"{statistics.mean(means_task) * 100:.1f}" if len(means_task) == len(TASKS) else "-"
+            lines.append(f"| {label} | **{lr_text(*pick)}** ({grid_text}) | " + " | ".join(cells) + f" | {avg} |")
+        majority = []
+        for task in TASKS:
+            any_run = next((r for r in self.results.values() if r["task"] == task and r.get("majority")), None)
+            majority.append(f"{any_run['majority']['dev'] * 100:.1f}" if any_run else "-")
+        lines.append("| majority class | | " + " | ".join(majority) + " | |")
+        seeds = {label: min(len(self.dev_scores(t, label, *self.chosen[label])) for t in TASKS)
+                 for label in self.chosen}
+        lines.append("\nDev metric x100, mean ± standard deviation over seeds at the chosen setting "
+                     f"(seeds finished per method: {', '.join(f'{k} {v}' for k, v in seeds.items())}).")
+        return "\n".join(lines)
+
+    def paired(self, label, others):
+        """GOAT minus each baseline, paired by (task, seed), with 95% t intervals."""
+        lines = [f"| {label} minus | " + " | ".join(TASKS) + " | all tasks and seeds |",
+                 "|---|" + "---|" * (len(TASKS) + 1)]
+        if label not in self.chosen:
+            return ""
+        mine = {t: self.dev_scores(t, label, *self.chosen[label]) for t in TASKS}
+        for other in others:
+            if other not in self.chosen:
+                continue
+            theirs = {t: self.dev_scores(t, other, *self.chosen[other]) for t in TASKS}
+            diffs = {t: [mine[t][s] - theirs[t][s] for s in SEEDS if s in mine[t] and s in theirs[t]] for t in TASKS}
+            pooled = [d for t in TASKS for d in diffs[t]]
+            if not pooled:
+                continue
+            lines.append(f"| {other} | " + " | ".join(fmt_interval(diffs[t]) if diffs[t] else "-" for t in TASKS)
+                         + f" | {fmt_interval(pooled)} (n={len(pooled)}) |")
+        lines.append("\nDev metric x100: mean paired difference [95% Student t interval]; per task over seeds, "
+                     "and pooled over every (task, seed) pair.")
+        return "\n".join(lines)
+
+    def tuning_tables(self):
+        lines = ["| method | " + " | ".join(f"lr {x:g}" for x in LR_LADDER[2:9]) + " |",
+                 "|---|" + "---|" * 7]
+        goat_rows = []
+        for label in METHODS:
+            _, pick, means = tuning(label, self.results)
+            if not means:
+                continue
+            for eta in sorted({e for _, e in means}, key=lambda e: -1 if e is None else e):
+                name = label if eta is None else f"{label}, eta {eta:g}"
+                cells = []
+                for lr in LR_LADDER[2:9]:
+                    value = means.get((lr, eta))
+                    text = "-" if value is None else ("diverged" if not math.isfinite(value) else f"{value * 100:.1f}")
+                    cells.append(f"**{text}**" if (lr, eta) == pick else text)
+                (goat_rows if eta is not None else lines).append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += goat_rows
+        lines.append("\nMean validation metric x100 over the tasks (seed 0); bold: the chosen setting.")
+        return "\n".join(lines)
+
+    def eta_lr_agreement(self):
+        """Does GOAT's best eta x lr equal full fine-tuning's best lr (Thm. 3.5)?"""
+        if "goat" not in self.chosen or "full" not in self.chosen:
+            return ""
+        _, _, means = tuning("goat", self.results)
+        by_product = {}
+        for (lr, eta), value in means.items():
+            by_product.setdefault(round(math.log10(lr * eta), 1), []).append((value, lr, eta))
+        lr, eta = self.chosen["goat"]
+        lines = [f"GOAT's best setting: lr {lr:g}, eta {eta:g}, so eta x lr = {lr * eta:g}; full fine-tuning's best "
+                 f"lr: {self.chosen['full'][0]:g}. Settings with the same eta x lr (Thm. 3.5 says they train alike "
+                 "under SGD), mean validation x100:"]
+        for key in sorted(by_product):
+            points = sorted(by_product[key], key=lambda p: p[1])
+            if len(points) > 1:
+                lines.append(f"- eta x lr = {10 ** key:.1g}: " + ", ".join(
+                    f"(lr {lr_:g}, eta {eta_:g}) {v * 100:.1f}" for v, lr_, eta_ in points))
+        return "\n".join(lines)
+
+    def curve(self, result, window=10):
+        losses = [loss for _, loss in result["loss_curve"]]
+        return [statistics.mean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+
+    def full_moe(self):
+        if "full" not in self.chosen:
+            return ""
+        lr = self.chosen["full"][0]
+        moe = self.finished(FULL_MOE_TASK, "full-moe", SEEDS[:2])
+        if not moe:
+            return ""
+        lines = [f"full-moe on {FULL_MOE_TASK} (lr {lr:g}): dev {fmt_mean_std([r['dev'] for r in moe.values()])} "
+                 f"over seeds {sorted(moe)}.\n",
+                 "| method | dev x100 (same seeds) | mean gap to full-moe's loss curve | first-half mean loss |",
+                 "|---|---|---|---|"]
+        for label in ["full-moe", *self.chosen]:
+            gaps, early, devs = [], [], []
+            for seed, ref in moe.items():
+                mine = self.finished(FULL_MOE_TASK, label, [seed]).get(seed)
+                if not mine:
+                    continue
+                a, b = self.curve(mine), self.curve(ref)
+                devs.append(mine["dev"])
+                early.append(statistics.mean(a[:len(a) // 2]))
+                if label != "full-moe":
+                    gaps += [abs(x - y) for x, y in zip(a, b)]
+            if devs:
+                gap = f"{statistics.mean(gaps):.4f}" if gaps else "-"
+                lines.append(f"| {label} | {fmt_mean_std(devs)} | {gap} | {statistics.mean(early):.4f} |")
+        lines.append("\nLoss curves: training loss every 5 steps, smoothed over 10 points, averaged over the "
+                     "steps; the gap is the mean absolute difference to full-moe's curve at the same steps and seed.")
+        return "\n".join(lines)
+
+    def variant_table(self, task, rows, reference):
+        """rows: [(label shown, run label, lr, eta)]; differences to `reference` paired by seed."""
+        ref = self.dev_scores(task, *reference)
+        lines = [f"| variant | dev x100 | minus {reference[0]} [95% CI] |", "|---|---|---|"]
+        for shown, label, lr, eta in rows:
+            scores = self.dev_scores(task, label, lr, eta)
+            if not scores:
+                lines.append(f"| {shown} | - | - |")
+                continue
+            diffs = [scores[s] - ref[s] for s in scores if s in ref]
+            diff = fmt_interval(diffs) if diffs and label != reference[0] else ""
+            lines.append(f"| {shown} | {fmt_mean_std(list(scores.values()))} | {diff} |")
+        return "\n".join(lines)
+
+    def ablations(self):
+        if "goat" not in self.chosen:
+            return ""
+        lr, eta = self.chosen["goat"]
+        rows = [("GOAT (chosen setting)", "goat", lr, eta)]
+        rows += [(label, label, lr, eta) for label in ABLATIONS]
+        for other in ("molora", "lora", "full"):
+            if other in self.chosen:
+                rows.append((f"{other} (its own chosen lr)", other, *self.chosen[other]))
+        return (f"Task {ABLATION_TASK}, seeds {list(SEEDS)}, lr {lr:g}, eta {eta:g}.\n\n"
+                + self.variant_table(ABLATION_TASK, rows, ("goat", lr, eta)))
+
+    def rank8(self):
+        rows = [(label, label, *self.chosen[base]) for label, (base, _) in RANK8.items() if base in self.chosen]
+        if "full" in self.chosen:
+            rows.insert(0, ("full (no rank)", "full", *self.chosen["full"]))
+        if "goat" not in self.chosen:
+            return ""
+        return (f"Task {RANK8_TASK}, seeds {list(SEEDS)}, each method at its rank-32 chosen setting; rank 8, alpha 16.\n\n"
+                + self.variant_table(RANK8_TASK, rows, ("goat r8", *self.chosen["goat"])))
+
+    def compute(self):
+        lines = ["| part | runs | run-minutes (one thread each) |", "|---|---|---|"]
+        parts = {}
+        for r in self.results.values():
+            parts.setdefault(r["part"], []).append(r["seconds"])
+        for part, secs in parts.items():
+            lines.append(f"| {part} | {len(secs)} | {sum(secs) / 60:.0f} |")
+        total = [s for secs in parts.values() for s in secs]
+        lines.append(f"| all | {len(total)} | {sum(total) / 60:.0f} |")
+        return "\n".join(lines)
+
+    def report(self):
+        sections = [("Headline: every method at its chosen setting", self.headline()),
+                    ("Paired differences", self.paired("goat", ["molora", "lora", "full", "pissa", "milora",
+                                                                "goat (alpha)"])),
+                    ("Tuning (validation split, seed 0)", self.tuning_tables()),
+                    ("GOAT's eta x lr against full fine-tuning's lr", self.eta_lr_agreement()),
+                    ("The upcycled full MoE and loss curves", self.full_moe()),
+                    ("Ablations of GOAT", self.ablations()),
+                    ("Total rank 8 (8 experts of rank 1)", self.rank8()),
+                    ("Compute", self.compute())]
+        return "\n\n".join(f"### {title}\n\n{body}" for title, body in sections if body) + "\n"
+
+    def plots(self, results_dir):
+        import plots
+        for task in TASKS:
+            curves = {}
+            labels = list(self.chosen) + (["full-moe"] if task == FULL_MOE_TASK else [])
+            for label in labels:
+                runs = list(self.finished(task, label).values())
+                if runs:
+                    smoothed = [self.curve(r) for r in runs]
+                    length = min(map(len, smoothed))
+                    steps = [step for step, _ in runs[0]["loss_curve"][:length]]
+                    curves[label] = list(zip(steps, [statistics.mean(c[i] for c in smoothed) for i in range(length)]))
+            if curves:
+                plots.plot_loss_curves(curves, results_dir / f"study_loss_{task}.png",
+                                       f"MiniLM on {task}: training loss at each method's chosen setting, mean over seeds")
+        sweeps = {}
+        for label in METHODS:
+            _, _, means = tuning(label, self.results)
+            if means:
+                for (lr, eta), value in means.items():
+                    name = label if eta is None else f"{label}, eta {eta:g}"
+                    sweeps.setdefault(name, []).append((lr, value if math.isfinite(value) else float("nan")))
+        if sweeps:
+            plots.plot_lr_sweeps(sweeps, results_dir / "study_lr_sweep.png")
+        run = self.finished(ABLATION_TASK, "goat", [0]).get(0)
+        if run and run.get("expert_load"):
+            plots.plot_expert_load([{"expert_load": run["expert_load"]}], results_dir / "study_expert_load_goat.png",
+                                   f"GOAT on {ABLATION_TASK}, end of training:")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data_dir", default=str(HERE.parent / "shared" / "data" / "glue"))
+    p.add_argument("--results_dir", default=str(HERE / "results" / "study"))
+    p.add_argument("--runs_dir", default=str(HERE / "runs" / "study"), help="full run outputs (not committed)")
+    p.add_argument("--code_dir", default=str(HERE), help="where train.py is (a fixed checkout while the repo changes)")
+    p.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
+    p.add_argument("--report_only", action="store_true")
+    p.add_argument("--next", action="store_true", help="list the runs due now and stop")
+    args = p.parse_args(argv)
+    if args.next:
+        results = load_results(args.results_dir)
+        due = [r for r in plan(results)[0] if r.id not in results]
+        print("\n".join(f"{r.part:8} {r.id}" for r in due) or "nothing due: the study is complete")
+        return
+    if not args.report_only:
+        run_study(args)
+    study = Study(load_results(args.results_dir))
+    text = study.report()
+    out = Path(args.results_dir).parent
+    (out / "study.md").write_text(text)
+    study.plots(out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
