@@ -53,23 +53,38 @@ class GOATConfig:
     segments: int = None      # goat/goat_mini: equal spectrum segments; None means E (an ablation sets it)
 
     def __post_init__(self):
+        """Refuse what would train silently wrong: a zero, negative or NaN scale gives an
+        all-NaN or frozen adapter; a rank that experts do not divide has no expert layout."""
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
-        if not isinstance(self.scaling, (int, float)) and self.scaling not in SCALINGS:
+        numeric = isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool)
+        if not numeric and self.scaling not in SCALINGS:
             raise ValueError(f"unknown scaling {self.scaling!r}; choose one of {SCALINGS} or a number")
         if self.scaling in ("alpha", "rslora") and self.alpha is None:
             raise ValueError(f"scaling={self.scaling!r} needs alpha (e.g. alpha=2*rank)")
-        if self.rank < 1 or self.experts < 1:
-            raise ValueError(f"rank ({self.rank}) and experts ({self.experts}) must be positive")
+        for name in ("rank", "experts", "top_k", "segments"):
+            value = getattr(self, name)
+            if not (value is None and name == "segments") and (isinstance(value, bool) or not isinstance(value, int)
+                                                               or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        positive = {"rho": self.rho, "eta": self.eta if self.scaling == "paper" else 1.0,
+                    "alpha": self.alpha if self.scaling in ("alpha", "rslora") else 1.0,
+                    "scaling": self.scaling if numeric else 1.0}
+        for name, value in positive.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive finite number")
+        if self.init_cof is not None and not (isinstance(self.init_cof, (int, float)) and math.isfinite(self.init_cof)
+                                              and self.init_cof >= 0):
+            raise ValueError(f"init_cof={self.init_cof!r} must be a finite number >= 0 (None means 1/experts)")
         if self.rank % self.experts:
             raise ValueError(f"rank {self.rank} is not divisible by experts {self.experts}: "
                              f"each expert gets rank/experts components; pick e.g. rank={self.experts * max(1, self.rank // self.experts)}")
+        if self.segments is not None and self.rank % self.segments:
+            raise ValueError(f"segments {self.segments} must divide rank {self.rank}")
         if not 1 <= self.top_k <= self.experts:
             raise ValueError(f"top_k {self.top_k} must lie in [1, experts={self.experts}]")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout} must lie in [0, 1)")
-        if self.segments is not None and (self.segments < 1 or self.rank % self.segments):
-            raise ValueError(f"segments {self.segments} must be positive and divide rank {self.rank}")
 
     @property
     def expert_rank(self):
@@ -167,6 +182,26 @@ def init_factors(weight, cfg, scaling, name="layer", svd_device=None):
     return root[:, None] * Vh[idx], U[:, idx] * root[None, :]
 
 
+def _autocast_dtype(device_type):
+    """The autocast dtype in effect on this device, or None (works on torch 2.2 to 2.13+)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _in_backward():
+    """True while autograd runs a backward pass: activation checkpointing re-runs the
+    forward there, and that re-run must not replace the routing statistics."""
+    graph_task = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task is not None and graph_task() != -1
+
+
 def router_logits(x, router):
     """x @ R^T in at least float32, also under autocast (bf16 logits would make
     near-ties arbitrary); float64 stays float64."""
@@ -189,27 +224,92 @@ def route(x, router, top_k):
     return gate_from_logits(router_logits(x, router), top_k)
 
 
+class _AutocastInput(torch.autograd.Function):
+    """The adapter's input side under autocast: u = drop(x) A^T in the autocast dtype,
+    and router logits x R^T in float32 from the exact x. Plain autograd would keep,
+    per layer, a float32 copy of x for the router's gradient and a dropped copy for
+    A's; this keeps x in the autocast dtype (the copy the base layer reads) and the
+    boolean dropout mask, and recomputes the dropped input in backward. The gradients
+    are autocast's: A's from the low-precision input, the router's in float32 from it."""
+
+    @staticmethod
+    def forward(ctx, x, x_low, A, router, mask, keep_scale):
+        dropped = x_low if mask is None else x_low * mask * keep_scale
+        u = F.linear(dropped, A.to(x_low.dtype))
+        logits = None
+        if router is not None:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                logits = F.linear(x.float(), router.float())
+        ctx.save_for_backward(x_low, mask, A, router)
+        ctx.keep_scale, ctx.x_dtype = keep_scale, x.dtype
+        return u, logits
+
+    @staticmethod
+    def backward(ctx, grad_u, grad_logits):
+        x_low, mask, A, router = ctx.saved_tensors
+        drop = (lambda t: t) if mask is None else (lambda t: t * mask * ctx.keep_scale)
+        with torch.autocast(device_type=x_low.device.type, enabled=False):
+            grad_u = grad_u.to(x_low.dtype)
+            grad_x = drop(grad_u @ A.to(x_low.dtype)).float()
+            grad_A = (grad_u.t() @ drop(x_low)).to(A.dtype) if ctx.needs_input_grad[2] else None
+            grad_router = None
+            if router is not None and grad_logits is not None:
+                grad_logits = grad_logits.float()
+                grad_x = grad_x + grad_logits @ router.float()
+                if ctx.needs_input_grad[3]:
+                    grad_router = (grad_logits.t() @ x_low.float()).to(router.dtype)
+        return grad_x.to(ctx.x_dtype), None, grad_A, grad_router, None, None
+
+
 class _Routed(nn.Module):
-    """Keeps the latest routing statistics for the balance loss and expert load."""
+    """Keeps the routing statistics of a layer's latest forward until balance_loss
+    reads them. They carry the router's autograd graph only in a training forward
+    with grad enabled, and reading them clears them: a layer skipped in a forward
+    (LayerDrop, a branch) adds nothing stale, an evaluation forward keeps no graph,
+    and a copy of the model (deepcopy, pickle) carries none of them."""
     experts = 1
     top_k = 1
+    name = "layer"
+    _probs = _chosen = None
+    _ran_without_graph = False
 
-    def _remember(self, probs, chosen):
-        self._probs, self._chosen = probs, chosen
+    def _remember(self, probs, chosen, router):
+        if _in_backward():  # activation checkpointing re-runs the forward; its statistics were used
+            return
+        graph = self.training and torch.is_grad_enabled()
+        self._probs, self._chosen = (probs if graph else probs.detach()), chosen.detach()
+        # reentrant activation checkpointing runs a training forward with autograd off
+        self._ran_without_graph = self.training and not torch.is_grad_enabled() and router.requires_grad
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key in ("_probs", "_chosen", "_ran_without_graph"):
+            state.pop(key, None)
+        return state
 
     def layer_balance_loss(self):
         """Switch-Transformer loss sum_i f_i P_i with f_i = E/(kT) * #tokens routed to i,
-        P_i = mean_t p_i. Uniform routing gives 1; the gradient reaches P (the router) only."""
-        if self.experts == 1 or getattr(self, "_probs", None) is None:
+        P_i = mean_t p_i, of the latest forward, read once. Uniform routing gives 1;
+        the gradient reaches P (the router) only."""
+        if self.experts == 1 or self._probs is None:
             return None
+        if self._ran_without_graph and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{self.name}: ran in training mode without autograd (reentrant activation checkpointing?), "
+                "so the balance loss cannot reach its router. Use non-reentrant checkpointing: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+                "or torch.utils.checkpoint.checkpoint(..., use_reentrant=False)")
         f = self._chosen.mean(dim=0) * (self.experts / self.top_k)
-        return (f * self._probs.mean(dim=0)).sum()
+        loss = (f * self._probs.mean(dim=0)).sum()
+        self._probs = None
+        return loss
 
     def layer_expert_load(self):
-        """Fraction of routed (token, slot) pairs per expert: sums to 1, uniform is 1/E."""
-        if self.experts == 1 or getattr(self, "_chosen", None) is None:
+        """Fraction of routed (token, slot) pairs per expert in the latest forward:
+        sums to 1, uniform is 1/E."""
+        if self.experts == 1 or self._chosen is None:
             return None
-        return self._chosen.detach().mean(dim=0) / self.top_k
+        return self._chosen.mean(dim=0) / self.top_k
 
 
 def _check_linear(module, name):
@@ -219,13 +319,32 @@ def _check_linear(module, name):
     if not module.weight.dtype.is_floating_point or module.weight.dtype.itemsize < 2:
         raise ValueError(f"{name}: weight dtype {module.weight.dtype} is integer or quantised; "
                          f"load the base model in float32, bfloat16 or float16 before adding GOAT")
+    if module.weight.is_meta:
+        raise ValueError(f"{name}: weight is on the meta device (no values); GOAT's initialisation reads W0, "
+                         f"so load the weights first (e.g. model.to_empty(device=...) and load_state_dict)")
+
+
+FINGERPRINT_PICKS = 16
 
 
 def weight_fingerprint(weight):
-    """A few float64 statistics of a weight: tell base models apart, survive dtype casts."""
-    w = weight.detach().double()
-    return torch.stack([w.abs().mean(), w.square().mean().sqrt(), w[::7, ::5].mean(),
-                        w[:, 0].mean(), w[0].mean()]).cpu()
+    """Two statistics and a few entries of a weight, after rounding it to bfloat16: the
+    same weights in float32, bf16 or fp16 give the same values (within one bf16 step,
+    0.4%), while another model's weights differ in every entry."""
+    w = weight.detach()
+    flat = w.reshape(-1)
+    picks = flat[torch.linspace(0, flat.numel() - 1, FINGERPRINT_PICKS, device=w.device).long()]
+    sample = w[::7, ::5].to(torch.bfloat16).float()
+    stats = torch.stack([sample.abs().mean(), sample.square().mean().sqrt()])
+    return torch.cat([stats, picks.to(torch.bfloat16).float()]).double().cpu()
+
+
+def fingerprints_match(saved, weight):
+    if saved.numel() == 5:  # written by goat.py before 2026-11: statistics of the unrounded weight
+        w = weight.detach().double()
+        now = torch.stack([w.abs().mean(), w.square().mean().sqrt(), w[::7, ::5].mean(), w[:, 0].mean(), w[0].mean()])
+        return torch.allclose(saved, now.cpu(), rtol=2e-2, atol=1e-6)
+    return torch.allclose(saved, weight_fingerprint(weight), rtol=1e-2, atol=1e-8)
 
 
 class GOATLinear(_Routed):
@@ -235,6 +354,8 @@ class GOATLinear(_Routed):
     the experts' A_i, lora_B (m x r) their B_i; expert i owns rank slots
     [i d, (i+1) d). lora_router (E x n) exists when E > 1. lora_A0 / lora_B0 hold
     the initial factors so the adapter can be re-applied to a pristine base.
+    Adapter tensors stay float32 (float64 for a float64 base) whatever dtype the
+    model is later cast to.
 
     The adapter cannot be merged into the weight: the gate depends on the input.
     """
@@ -270,31 +391,55 @@ class GOATLinear(_Routed):
     def _init_delta(self):
         return self.cfg.cof * self.scaling * (self.lora_B0 @ self.lora_A0)
 
+    def _apply(self, fn, recurse=True):
+        """model.to(torch.bfloat16) (or .half()) casts the frozen base but not the adapter,
+        which stays in float32: AdamW updates on bf16 weights round away. Device moves apply."""
+        if recurse:
+            for module in self.children():
+                module._apply(fn)
+
+        def keep_precision(t):
+            out = fn(t)
+            if out.is_floating_point() and out.dtype != t.dtype and out.element_size() < 4:
+                return t.to(out.device)
+            return out
+        return super()._apply(keep_precision, recurse=False)
+
     def forward(self, x):
         xs = x.reshape(-1, x.shape[-1])
-        y = self.base(xs)  # W_res x + b, T x m
-        xa = xs.to(self.lora_A.dtype)
-        if self.lora_router is None:  # plain LoRA
-            u = F.linear(self.lora_dropout(xa), self.lora_A) * self.scaling
+        low = _autocast_dtype(x.device.type)
+        if low is not None:  # one low-precision copy of x serves the base, A and the router's gradient
+            x_low = xs.to(low)
+            y = self.base(x_low)
+            mask = None
+            if self.training and isinstance(self.lora_dropout, nn.Dropout):
+                mask = torch.empty_like(x_low, dtype=torch.bool).bernoulli_(1 - self.cfg.dropout)
+            u, logits = _AutocastInput.apply(xs, x_low, self.lora_A, self.lora_router, mask,
+                                             1.0 / (1 - self.cfg.dropout))
         else:
-            dropout_on = self.training and isinstance(self.lora_dropout, nn.Dropout)
-            if dropout_on or torch.is_autocast_enabled(x.device.type):
+            y = self.base(xs)  # W_res x + b, T x m
+            xa, logits = xs.to(self.lora_A.dtype), None
+            if (self.training and isinstance(self.lora_dropout, nn.Dropout)) or self.lora_router is None:
                 # one dropout mask shared by all experts; the router sees the clean input
                 u = F.linear(self.lora_dropout(xa), self.lora_A)  # T x r
-                logits = router_logits(xs, self.lora_router)
+                if self.lora_router is not None:
+                    logits = router_logits(xs, self.lora_router)
             else:  # same input for both: one pass over x computes A x and the router logits
                 both = F.linear(xa, torch.cat([self.lora_A, self.lora_router]))
                 u, logits = both[:, :self.cfg.rank], both[:, self.cfg.rank:]
+        if logits is None:  # plain LoRA
+            u = u * self.scaling
+        else:
             probs, chosen, gate = gate_from_logits(logits, self.top_k)
-            self._remember(probs, chosen)
+            self._remember(probs, chosen, self.lora_router)
             # expand(G): each expert's gate weight (times s) over its d rank slots, via a view
             weights = (gate * self.scaling).to(u.dtype).unsqueeze(-1)
             u = (u.view(-1, self.experts, self.expert_rank) * weights).view_as(u)
-        if u.dtype == y.dtype or torch.is_autocast_enabled(x.device.type):
+        if u.dtype == y.dtype or low is not None:
             out = torch.addmm(y, u, self.lora_B.t())  # y + B u in one kernel
         else:  # e.g. a bf16 base without autocast: adapter in float32, sum cast back
             out = y + F.linear(u, self.lora_B).to(y.dtype)
-        return out.view(*x.shape[:-1], -1)
+        return out.view(*x.shape[:-1], self.base.out_features)
 
     def extra_repr(self):
         return (f"rank={self.cfg.rank}, experts={self.experts}, top_k={self.top_k}, "
@@ -344,11 +489,11 @@ class UpcycledMoE(_Routed):
     def forward(self, x):
         xs = x.reshape(-1, x.shape[-1])
         probs, chosen, gate = route(xs, self.router, self.top_k)
-        self._remember(probs, chosen)
+        self._remember(probs, chosen, self.router)
         y = sum(gate[:, i:i + 1].to(xs.dtype) * F.linear(xs, self.weight[i]) for i in range(self.experts))
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*x.shape[:-1], -1)
+        return y.view(*x.shape[:-1], self.weight.shape[1])
 
 
 # ---------------------------------------------------------------------------------
@@ -359,20 +504,59 @@ def _parent(model, name):
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def _excluded(name, exclude):
+    return name in exclude or any(part in exclude for part in name.split("."))
+
+
+def unwrappable_linears(model):
+    """{name: why} for the nn.Linear modules GOAT must leave alone in any model."""
+    why = {}
+    uses = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    try:
+        output_embeddings = model.get_output_embeddings()  # Hugging Face models
+    except (AttributeError, NotImplementedError):
+        output_embeddings = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, _Routed):
+            why.update({f"{name}.{sub}": "it is inside a GOAT or upcycled-MoE layer already"
+                        for sub, _ in mod.named_modules() if sub})
+        elif isinstance(mod, nn.MultiheadAttention):  # its forward reads out_proj.weight: an adapter would be bypassed
+            why.update({f"{name}.{sub}": "nn.MultiheadAttention reads its out_proj.weight directly, so a wrapped "
+                        "out_proj would be bypassed; GOAT adapts the model's other Linears (e.g. the feed-forward "
+                        "linear1/linear2 of nn.TransformerEncoderLayer)"
+                        for sub, child in mod.named_modules() if isinstance(child, nn.Linear)})
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name not in why:
+            if uses.get(id(mod.weight), 0) > 1:
+                why[name] = ("its weight is tied to another module (e.g. an output layer sharing the input "
+                             "embedding); writing W_res into it would change both")
+            elif mod is output_embeddings:
+                why[name] = "it is the model's output embedding (a head)"
+    return why
+
+
 def find_targets(model, targets, exclude=DEFAULT_EXCLUDE):
-    """Names of the modules to wrap: "all-linear" (minus `exclude`, matched against
-    any dotted name component), or a list of name suffixes, each of which must match."""
+    """Names of the modules to wrap: "all-linear" (every nn.Linear but those in
+    `exclude`, matched against the full name or any dotted part of it, and those
+    unwrappable_linears names), or a list of name suffixes, each of which must match."""
+    skip = unwrappable_linears(model)
+    modules = dict(model.named_modules())
     if targets == "all-linear":
-        names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
-                 and not any(part in exclude for part in name.split("."))]
+        names = [name for name, mod in modules.items() if isinstance(mod, nn.Linear)
+                 and name not in skip and not _excluded(name, exclude)]
         if not names:
             raise ValueError("targets='all-linear' found no nn.Linear outside "
                              f"the excluded modules {tuple(exclude)}")
+        for name in names:
+            _check_linear(modules[name], name)
         return names
     if isinstance(targets, str):
         targets = [targets]
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"targets={targets!r}: give 'all-linear' or module-name suffixes such as ['query', 'value']")
     names = []
-    modules = dict(model.named_modules())
     for target in targets:
         hits = [name for name in modules if name == target or name.endswith("." + target)]
         if not hits:
@@ -380,6 +564,8 @@ def find_targets(model, targets, exclude=DEFAULT_EXCLUDE):
             raise ValueError(f"target {target!r} matches no module; Linear names in this model: "
                              f"{linears} (or use 'all-linear')")
         for name in hits:
+            if name in skip:
+                raise ValueError(f"{name}: GOAT cannot wrap it: {skip[name]}")
             _check_linear(modules[name], name)
         names += [name for name in hits if name not in names]
     return names
@@ -398,16 +584,39 @@ def _swap(model, names, make):
     return names
 
 
-def add_goat(model, cfg, targets="all-linear", exclude=DEFAULT_EXCLUDE, svd_device=None):
+def _refuse_if_wrapped(model):
+    wrapped = [name for name, mod in model.named_modules() if isinstance(mod, _Routed)]
+    if wrapped:
+        raise ValueError(f"the model already has {len(wrapped)} GOAT or upcycled-MoE layers (e.g. {wrapped[0]}); "
+                         "wrapping again would nest them: call remove_goat(model) first, or "
+                         "load_goat_state_dict(model, state) to replace the adapter")
+
+
+def initial_factors(model, cfg, names, svd_device=None):
+    """{name: (A0, B0)} for the named Linears: the SVD work of add_goat, separable so
+    that several processes can share it (each computes some layers, then all exchange)."""
+    out = {}
+    for name in names:
+        weight = model.get_submodule(name).weight
+        out[name] = init_factors(weight, cfg, resolve_scaling(cfg, weight.shape[1]), name, svd_device)
+    return out
+
+
+def add_goat(model, cfg, targets="all-linear", exclude=DEFAULT_EXCLUDE, svd_device=None, factors=None):
     """Wrap the target nn.Linear modules of `model` in place with GOATLinear, freeze
     everything else, return the wrapped names. Train a head afterwards with
-    `head.requires_grad_(True)`. `svd_device`: where to run the SVD inits."""
+    `head.requires_grad_(True)`. `svd_device`: where to run the SVD inits;
+    `factors`: {name: (A0, B0)} computed beforehand (see initial_factors)."""
+    _refuse_if_wrapped(model)
     names = find_targets(model, targets, exclude)
-    return _swap(model, names, lambda mod, name: GOATLinear(mod, cfg, name, svd_device=svd_device))
+    factors = factors or {}
+    return _swap(model, names, lambda mod, name: GOATLinear(mod, cfg, name, factors=factors.get(name),
+                                                           svd_device=svd_device))
 
 
 def add_upcycled_moe(model, experts=8, top_k=2, targets="all-linear", exclude=DEFAULT_EXCLUDE):
     """The "full-moe" reference: every target Linear becomes an UpcycledMoE."""
+    _refuse_if_wrapped(model)
     names = find_targets(model, targets, exclude)
     return _swap(model, names, lambda mod, name: UpcycledMoE(mod, experts, top_k, name))
 
@@ -417,7 +626,8 @@ def goat_layers(model):
 
 
 def balance_loss(model):
-    """Sum over routed layers of the latest per-layer balance loss (0 if none)."""
+    """Sum over routed layers of the balance loss of their latest forward (0 if none).
+    Each layer's statistics are read once: call it once per forward, before backward."""
     losses = [mod.layer_balance_loss() for mod in model.modules() if isinstance(mod, _Routed)]
     losses = [loss for loss in losses if loss is not None]
     return torch.stack(losses).sum() if losses else torch.zeros(())
@@ -450,29 +660,55 @@ def goat_state_dict(model):
     return state
 
 
-def load_goat_state_dict(model, state, fingerprint_rtol=2e-2):
-    """Apply a saved adapter to a pristine copy of its base model (layers already
-    wrapped are restored to W0 first): rebuilds W_res from the saved initial factors,
-    then loads the trained A, B and router. Refuses another base or shape."""
+def _check_adapter(model, state):
+    """Every key, shape, config and base-weight fingerprint of a saved adapter against
+    `model`, before anything changes. Returns {layer name: GOATConfig}."""
+    if not isinstance(state, dict) or CONFIG_KEY not in state:
+        raise ValueError(f"not a GOAT adapter: no {CONFIG_KEY!r} entry (write it with goat_state_dict)")
     layers = json.loads(state[CONFIG_KEY])["layers"]
     modules = dict(model.named_modules())
-    for name, info in layers.items():  # check everything before changing anything
+    cfgs = {}
+    for name, info in layers.items():
         mod = modules.get(name)
         if mod is None:
             raise ValueError(f"adapter layer {name!r} is not in this model: was it saved from another architecture?")
         base = mod.base if isinstance(mod, GOATLinear) else mod
         _check_linear(base, name)
-        if list(base.weight.shape) != info["shape"]:
+        m, n = base.weight.shape
+        if [m, n] != info["shape"]:
             raise ValueError(f"{name}: adapter was saved for a weight of shape {info['shape']}, "
-                             f"this model's is {list(base.weight.shape)}; load it onto its own base model")
+                             f"this model's is {[m, n]}; load it onto its own base model")
+        cfg = cfgs[name] = GOATConfig(**{k: v for k, v in info.items() if k != "shape"})
+        shapes = {"lora_A": (cfg.rank, n), "lora_B": (m, cfg.rank), "lora_A0": (cfg.rank, n),
+                  "lora_B0": (m, cfg.rank), "fingerprint": None}
+        if cfg.experts > 1:
+            shapes["lora_router"] = (cfg.experts, n)
+        for key, shape in shapes.items():
+            tensor = state.get(f"{name}.{key}")
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"adapter lacks {name}.{key}: the file is incomplete or not a GOAT adapter")
+            if shape is not None and tuple(tensor.shape) != shape:
+                raise ValueError(f"{name}.{key} has shape {tuple(tensor.shape)}, expected {shape}")
+    for name in layers:  # then the base weights: is this the model the adapter was trained on?
+        mod = modules[name]
+        base = mod.base if isinstance(mod, GOATLinear) else mod
+        pristine = base.weight
+        if isinstance(mod, GOATLinear):  # W0 = W_res + c s B0 A0, without touching the model
+            pristine = base.weight.to(mod.lora_A0.dtype) + mod._init_delta()
+        if not fingerprints_match(state[f"{name}.fingerprint"], pristine):
+            raise ValueError(f"{name}: base weight does not match the one the adapter was trained on; "
+                             f"load the adapter onto a pristine copy of its own base model "
+                             f"(the same checkpoint, in any of float32, bfloat16 or float16)")
+    return cfgs
+
+
+def load_goat_state_dict(model, state):
+    """Apply a saved adapter to a pristine copy of its base model (layers already
+    wrapped are restored to W0 first): rebuilds W_res from the saved initial factors,
+    then loads the trained A, B and router. Checks everything first: a refused
+    adapter (another base, shape or architecture, a missing key) changes nothing."""
+    cfgs = _check_adapter(model, state)
     remove_goat(model)
-    cfgs = {name: GOATConfig(**{k: v for k, v in info.items() if k != "shape"}) for name, info in layers.items()}
-    for name in layers:
-        saved, now = state[f"{name}.fingerprint"], weight_fingerprint(model.get_submodule(name).weight)
-        if not torch.allclose(saved, now, rtol=fingerprint_rtol, atol=1e-6):
-            raise ValueError(f"{name}: base weight does not match the one the adapter was trained on "
-                             f"(fingerprint {saved.tolist()} vs {now.tolist()}); load the adapter onto "
-                             f"a pristine copy of its own base model")
 
     def make(mod, name):
         ref = mod.weight
@@ -483,7 +719,7 @@ def load_goat_state_dict(model, state, fingerprint_rtol=2e-2):
                 if getattr(layer, key) is not None:
                     getattr(layer, key).copy_(state[f"{name}.{key}"])
         return layer
-    return _swap(model, list(layers), make)
+    return _swap(model, list(cfgs), make)
 
 
 def remove_goat(model):

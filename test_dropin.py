@@ -1,0 +1,454 @@
+"""goat.py as a drop-in for models people write themselves, and under hostile use:
+nn.TransformerEncoder and a nanoGPT-style model trained with add_goat and the
+balance loss; tied weights and output embeddings; deepcopy, pickling, skipped
+layers, forwards without backward, activation checkpointing, meta tensors, later
+dtype casts; adapters checked in full before anything changes; bad configs; the
+memory-saving autocast path against plain autograd."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import goat
+from goat import GOATConfig, GOATLinear
+
+
+# --- models written by hand, as users write them ---------------------------------------
+
+class Block(nn.Module):
+    """A nanoGPT block: causal self-attention from plain Linears, then an MLP."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.c_fc, self.mlp_proj = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def attention(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def forward(self, x):
+        x = x + self.attention(self.ln_1(x))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, vocab=50, dim=32, heads=4, layers=2, block_size=16, checkpointing=None):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block_size, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying, as nanoGPT does
+        self.checkpointing = checkpointing  # None, "reentrant" or "non-reentrant"
+        self.skip = set()  # block indices to skip (LayerDrop)
+
+    def forward(self, idx, targets=None):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for i, block in enumerate(self.blocks):
+            if i in self.skip:
+                continue
+            if self.checkpointing:
+                x = checkpoint(block, x, use_reentrant=self.checkpointing == "reentrant")
+            else:
+                x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return logits if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, vocab=50, dim=32, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.classifier = nn.Linear(dim, classes)
+
+    def forward(self, idx):
+        return self.classifier(self.encoder(self.embed(idx)).mean(dim=1))
+
+
+CFG = GOATConfig(rank=8, experts=4, top_k=2, dropout=0.0)
+
+
+def lm_batch(seed, batch=8, length=12, vocab=50):
+    """A learnable sequence task: each token is followed by (token + 1) mod vocab."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (batch, 1), generator=g)
+    seq = (start + torch.arange(length + 1)) % vocab
+    return seq[:, :-1], seq[:, 1:]
+
+
+def train(model, step_loss, steps=40, lr=3e-3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        loss = step_loss(step)
+        (loss + 1e-3 * goat.balance_loss(model)).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_nanogpt_with_tied_head_trains_and_keeps_its_embedding():
+    torch.manual_seed(0)
+    model = NanoGPT()
+    embedding = model.wte.weight.detach().clone()
+    names = goat.add_goat(model, CFG)
+    assert "lm_head" not in names and len(names) == 8  # 4 Linears per block; the tied head is left alone
+    assert torch.equal(model.wte.weight, embedding)  # no residual written into the shared weight
+    model.train()
+    losses = train(model, lambda step: model(*lm_batch(step)), steps=60)
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
+    assert torch.equal(model.wte.weight, embedding)  # frozen and untouched
+    with pytest.raises(ValueError, match="tied to another module"):
+        goat.add_goat(NanoGPT(), CFG, ["lm_head"])
+
+
+def test_transformer_encoder_trains_and_multihead_attention_is_left_alone():
+    torch.manual_seed(0)
+    model = EncoderClassifier()
+    names = goat.add_goat(model, CFG)
+    assert sorted(names) == [f"encoder.layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]
+    model.classifier.requires_grad_(True)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 50, (64, 6), generator=g)
+    labels = idx[:, 0] % 3  # the class is a function of the first token
+    losses = train(model, lambda step: F.cross_entropy(model(idx), labels), steps=60, lr=1e-2)
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
+    with pytest.raises(ValueError, match="MultiheadAttention reads its out_proj.weight"):
+        goat.add_goat(EncoderClassifier(), CFG, ["out_proj"])
+
+
+def test_tied_output_embedding_of_a_masked_lm_is_not_wrapped():
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=48, max_position_embeddings=32))
+    embedding = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    names = goat.add_goat(model, CFG)
+    assert "cls.predictions.decoder" not in names and names
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, embedding)
+
+
+def test_exclude_takes_full_names_and_name_parts():
+    model = NanoGPT()
+    names = goat.add_goat(model, CFG, exclude=("blocks.0.c_fc", "mlp_proj"))
+    assert "blocks.0.c_fc" not in names and "blocks.1.c_fc" in names
+    assert not any(name.endswith("mlp_proj") for name in names)
+
+
+def test_deepcopy_and_pickle_after_a_training_forward():
+    torch.manual_seed(0)
+    model = NanoGPT()
+    goat.add_goat(model, CFG)
+    model.train()
+    idx, targets = lm_batch(0)
+    model(idx, targets)  # statistics with a graph are held now
+    twin = copy.deepcopy(model)  # e.g. an EMA or best-model copy
+    restored = pickle.loads(pickle.dumps(model))
+    model.eval(), twin.eval(), restored.eval()
+    torch.testing.assert_close(twin(idx), model(idx))
+    torch.testing.assert_close(restored(idx), model(idx))
+
+
+def test_a_copy_carries_no_routing_statistics():
+    model = NanoGPT()
+    goat.add_goat(model, CFG)
+    model.train()
+    model(*lm_batch(0))
+    twin = copy.deepcopy(model)
+    assert all(mod._probs is None and mod._chosen is None for _, mod in goat.goat_layers(twin))
+    assert all(mod._probs is not None for _, mod in goat.goat_layers(model))
+
+
+def held_balance_loss(mod):
+    """sum_i f_i P_i from the statistics a layer holds, without reading them out."""
+    f = mod._chosen.mean(dim=0) * (mod.experts / mod.top_k)
+    return (f * mod._probs.mean(dim=0)).sum()
+
+
+def test_a_skipped_layer_adds_no_stale_balance_loss():
+    torch.manual_seed(0)
+    model = NanoGPT()
+    goat.add_goat(model, CFG)
+    model.train()
+    idx, targets = lm_batch(0)
+    (model(idx, targets) + goat.balance_loss(model)).backward()
+    model.skip = {1}  # LayerDrop: block 1 does not run in this forward
+    loss = model(idx, targets)
+    only_block0 = sum(held_balance_loss(mod) for name, mod in goat.goat_layers(model) if name.startswith("blocks.0"))
+    assert all(mod._probs is None for name, mod in goat.goat_layers(model) if name.startswith("blocks.1"))
+    balance = goat.balance_loss(model)
+    torch.testing.assert_close(balance, only_block0)
+    (loss + balance).backward()  # no "backward through the graph a second time"
+    assert goat.balance_loss(model) == 0  # read once: a second call has nothing left
+
+
+def test_forwards_without_backward_keep_no_graph():
+    torch.manual_seed(0)
+    model = NanoGPT()
+    goat.add_goat(model, CFG)
+    idx, targets = lm_batch(0)
+    model.eval()
+    model(idx, targets)  # grad enabled, evaluation mode: statistics without a graph
+    assert all(mod._probs.grad_fn is None for _, mod in goat.goat_layers(model))
+    model.train()
+    loss = model(idx, targets)
+    assert all(mod._probs.grad_fn is not None for _, mod in goat.goat_layers(model))
+    goat.balance_loss(model)  # the statistics are handed to the caller's loss, not kept
+    assert all(mod._probs is None for _, mod in goat.goat_layers(model))
+    assert goat.expert_load(model)  # the load (no graph) stays for logging
+    del loss
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_activation_checkpointing(mode):
+    """Non-reentrant checkpointing gives the same loss and gradients, router included;
+    reentrant checkpointing would silently cut the balance loss off, so it is refused."""
+    torch.manual_seed(0)
+    plain = NanoGPT()
+    goat.add_goat(plain, CFG)
+    ckpt = copy.deepcopy(plain)
+    ckpt.checkpointing = mode
+    plain.train(), ckpt.train()
+    idx, targets = lm_batch(0)
+    if mode == "reentrant":
+        ckpt(idx, targets)
+        with pytest.raises(RuntimeError, match="use_reentrant"):
+            goat.balance_loss(ckpt)
+        return
+    results = []
+    for model in (plain, ckpt):
+        loss = model(idx, targets) + 0.1 * goat.balance_loss(model)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert any("lora_router" in n for n in results[0][1])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, msg=name)
+    # the re-run forward inside backward does not leave statistics behind
+    assert all(mod._probs is None for _, mod in goat.goat_layers(ckpt))
+
+
+def test_meta_device_model_is_refused_clearly():
+    with torch.device("meta"):
+        model = NanoGPT()
+    with pytest.raises(ValueError, match="meta device"):
+        goat.add_goat(model, CFG)
+
+
+def test_later_cast_to_low_precision_keeps_the_adapter_float32():
+    torch.manual_seed(0)
+    model = NanoGPT()
+    goat.add_goat(model, CFG)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    model.to(torch.bfloat16)
+    layer = model.blocks[0].c_fc
+    assert layer.base.weight.dtype == torch.bfloat16
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+    assert layer.lora_A0.dtype == torch.float32
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16
+    model.half()
+    assert layer.lora_B.dtype == torch.float32 and layer.base.weight.dtype == torch.float16
+    model.double()  # widening is allowed
+    assert layer.lora_B.dtype == torch.float64
+
+
+def test_zero_tokens_give_an_empty_output_of_the_right_shape():
+    for cfg in (CFG, goat.preset("lora", rank=4, alpha=8)):
+        layer = GOATLinear(nn.Linear(16, 12), cfg)
+        layer.train()
+        for shape in ((0, 16), (2, 0, 16)):
+            y = layer(torch.randn(*shape))
+            assert y.shape == (*shape[:-1], 12)
+
+
+def test_add_goat_twice_is_refused_and_the_adapter_survives():
+    model = NanoGPT()
+    goat.add_goat(model, CFG)
+    with pytest.raises(ValueError, match="already has 8 GOAT"):
+        goat.add_goat(model, CFG)
+    with pytest.raises(ValueError, match="already has"):
+        goat.add_upcycled_moe(model)
+    assert len(goat.goat_state_dict(model)) > 8
+    goat.remove_goat(model)
+    assert not goat.goat_layers(model)
+
+
+def trained_nanogpt(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = NanoGPT().to(dtype)
+    goat.add_goat(model, CFG)
+    model.train()
+    train(model, lambda step: model(*lm_batch(step)), steps=3, lr=0.05)
+    return model.eval()
+
+
+def outputs(model):
+    with torch.no_grad():
+        return model(lm_batch(9)[0]).float()
+
+
+def test_refused_adapter_changes_nothing():
+    model = trained_nanogpt()
+    state = goat.goat_state_dict(model)
+    other = trained_nanogpt(seed=1)
+    expected = outputs(other)
+    broken = {k: v for k, v in state.items() if not k.endswith("blocks.1.c_fc.lora_B")}
+    with pytest.raises(ValueError, match="lacks blocks.1.c_fc.lora_B"):
+        goat.load_goat_state_dict(other, broken)
+    with pytest.raises(ValueError, match="does not match the one the adapter was trained on"):
+        goat.load_goat_state_dict(other, state)  # another base (seed 1)
+    reshaped = dict(state, **{"blocks.0.c_attn.lora_router": torch.zeros(3, 32)})
+    with pytest.raises(ValueError, match="shape"):
+        goat.load_goat_state_dict(other, reshaped)
+    with pytest.raises(ValueError, match="not a GOAT adapter"):
+        goat.load_goat_state_dict(other, {"weight": torch.zeros(1)})
+    assert len(goat.goat_layers(other)) == 8
+    torch.testing.assert_close(outputs(other), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("trained_in", [torch.bfloat16, torch.float16])
+def test_adapter_from_a_low_precision_base_loads_onto_float32(trained_in):
+    """The CUDA default trains on a bf16 base; the same checkpoint in float32 must accept it."""
+    torch.manual_seed(0)
+    pristine = NanoGPT()
+    low = copy.deepcopy(pristine).to(trained_in)
+    goat.add_goat(low, CFG)
+    state = goat.goat_state_dict(low)
+    goat.load_goat_state_dict(pristine, state)  # does not raise
+    assert len(goat.goat_layers(pristine)) == 8
+
+
+def test_old_fingerprints_still_load():
+    model = trained_nanogpt()
+    state = goat.goat_state_dict(model)
+    torch.manual_seed(0)
+    fresh = NanoGPT()
+    for name, _ in goat.goat_layers(model):  # the five statistics goat.py wrote before
+        w = fresh.get_submodule(name).weight.detach().double()
+        state[f"{name}.fingerprint"] = torch.stack([w.abs().mean(), w.square().mean().sqrt(), w[::7, ::5].mean(),
+                                                    w[:, 0].mean(), w[0].mean()])
+    goat.load_goat_state_dict(fresh, state)
+    torch.testing.assert_close(outputs(fresh), outputs(model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(eta=0.0), "eta=0.0 must be a positive finite number"),
+    (dict(eta=float("nan")), "eta=nan"),
+    (dict(rho=0.0), "rho=0.0"),
+    (dict(scaling=float("nan")), "scaling=nan"),
+    (dict(scaling=-1.0), "scaling=-1.0"),
+    (dict(scaling="alpha", alpha=0.0), "alpha=0.0"),
+    (dict(init_cof=float("inf")), "init_cof=inf"),
+    (dict(rank=0), "rank=0 must be a positive integer"),
+    (dict(experts=0), "experts=0"),
+    (dict(rank=8.0), "rank=8.0"),
+    (dict(dropout=float("nan")), "dropout"),
+    (dict(segments=3), "segments 3 must divide rank"),
+])
+def test_bad_scales_and_counts_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GOATConfig(**kwargs)
+
+
+def test_one_lora_on_goats_segments_takes_goats_components():
+    torch.manual_seed(0)
+    W = torch.randn(48, 40, dtype=torch.float64)
+    goat_cfg = GOATConfig(rank=8, experts=4, top_k=2)
+    single = GOATConfig(rank=8, experts=1, top_k=1, segments=4, init_cof=1.0)
+    A_goat, B_goat = goat.init_factors(W, goat_cfg, 2.0)
+    A_one, B_one = goat.init_factors(W, single, 2.0)
+    torch.testing.assert_close(A_one, A_goat, rtol=0, atol=0)
+    torch.testing.assert_close(B_one, B_goat, rtol=0, atol=0)
+    pissa = goat.init_factors(W, GOATConfig(rank=8, experts=1, top_k=1), 2.0)[0]
+    assert not torch.allclose(A_one, pissa)
+
+
+# --- the autocast path --------------------------------------------------------------------
+
+def reference_autocast_step(layer, x, mask):
+    """The same computation with plain autograd: dropped low-precision input, A in
+    bf16, router logits in float32 from the exact x whose gradient uses the bf16 x."""
+    x_low = x.to(torch.bfloat16)
+    y = F.linear(x_low, layer.base.weight.to(torch.bfloat16), layer.base.bias.to(torch.bfloat16))
+    dropped = x_low * mask / (1 - layer.cfg.dropout)
+    u = F.linear(dropped, layer.lora_A.to(torch.bfloat16))
+    exact = F.linear(x.float(), layer.lora_router)
+    via_low = F.linear(x_low.float(), layer.lora_router)
+    logits = via_low + (exact - via_low).detach()
+    _, _, gate = goat.gate_from_logits(logits, layer.top_k)
+    weights = (gate * layer.scaling).to(u.dtype).unsqueeze(-1)
+    u = (u.view(-1, layer.experts, layer.expert_rank) * weights).view_as(u)
+    return torch.addmm(y, u, layer.lora_B.to(torch.bfloat16).t())
+
+
+def test_autocast_path_equals_plain_autograd_with_the_same_mask():
+    torch.manual_seed(0)
+    layer = GOATLinear(nn.Linear(24, 20), GOATConfig(rank=8, experts=4, top_k=2, dropout=0.2))
+    layer.train()
+    x = torch.randn(30, 24, requires_grad=True)
+    dy = torch.randn(30, 20)
+    state = torch.get_rng_state()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    (y.float() * dy).sum().backward()
+    got = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+    got_x = x.grad.clone()
+    torch.set_rng_state(state)  # the same draw gives the same mask
+    mask = torch.empty(30, 24, dtype=torch.bool).bernoulli_(0.8)
+    layer.zero_grad()
+    x.grad = None
+    with torch.autocast("cpu", enabled=False):
+        y_ref = reference_autocast_step(layer, x, mask)
+    (y_ref.float() * dy).sum().backward()
+    torch.testing.assert_close(y.float(), y_ref.float())
+    torch.testing.assert_close(x.grad, got_x, rtol=1e-2, atol=1e-3)
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-2, atol=1e-3, msg=name)
+
+
+def saved_activation_bytes(layer, x):
+    """Bytes autograd keeps for backward, each storage counted once, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32])
+def test_goat_saves_at_most_a_quarter_more_than_lora_under_autocast(input_dtype):
+    """Issue budget: GOAT's saved activations at most 1.25x LoRA's at the same total rank."""
+    sizes = {}
+    for method in ("lora", "goat"):
+        torch.manual_seed(0)
+        layer = GOATLinear(nn.Linear(256, 256).to(torch.bfloat16), goat.preset(method, rank=32, alpha=64))
+        layer.train()
+        x = torch.randn(512, 256, dtype=input_dtype, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sizes[method] = saved_activation_bytes(layer, x)
+    assert sizes["goat"] <= 1.25 * sizes["lora"], sizes
