@@ -137,41 +137,69 @@ GLUE = {
 }
 
 
-def read_glue_tsv(path, columns, labels):
-    """Rows of a GLUE tsv as {text, text_pair, label}; errors name the file and line."""
+MAX_MALFORMED = 0.01  # share of rows a GLUE file may have malformed (QQP's train.tsv has a few)
+
+
+def read_text(path, hint):
+    """A file's text, UTF-8 with or without a byte-order mark; errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; --data_dir must hold the GLUE layout "
-                                f"(<data_dir>/{path.parent.name}/{path.name})")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    start, index = 0, {}
+        raise FileNotFoundError(f"{path}: no such file; {hint}")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+                         f"convert the file to UTF-8") from None
+
+
+def read_glue_tsv(path, columns, labels):
+    """Rows of a GLUE tsv as {text, text_pair, label}. Rows with missing or extra
+    fields or an unknown label are skipped and counted, as the common loaders do,
+    unless more than 1% of the file is malformed: then it stops at the first bad
+    line. Errors name the file and line."""
+    path = Path(path)
+    lines = read_text(path, f"--data_dir must hold the GLUE layout (<data_dir>/{path.parent.name}/{path.name})").splitlines()
+    if not any(line.strip() for line in lines):
+        raise ValueError(f"{path}: the file is empty")
+    start, index, width = 0, {}, None
     if isinstance(columns[0], str):
         index = {name: i for i, name in enumerate(lines[0].split("\t"))}
         missing = [c for c in columns if c is not None and c not in index]
         if missing:
             raise ValueError(f"{path}:1: header lacks column(s) {missing}; found {list(index)}")
-        start = 1
+        start, width = 1, len(index)
     cols = [index.get(c, c) for c in columns]
-    examples = []
+    needed = max(c for c in cols if c is not None) + 1
+    examples, bad = [], []
     for line_no, line in enumerate(lines[start:], start=start + 1):
         if not line.strip():
             continue
         fields = line.split("\t")
-        if max(c for c in cols if c is not None) >= len(fields):
-            raise ValueError(f"{path}:{line_no}: expected at least {max(c for c in cols if c is not None) + 1} "
-                             f"tab-separated fields, found {len(fields)}")
+        if len(fields) < needed or (width is not None and len(fields) > width):
+            bad.append((line_no, f"expected {width or needed} tab-separated fields, found {len(fields)}"))
+            continue
         raw = fields[cols[2]].strip()
         if labels is None:
             try:
                 label = float(raw)
             except ValueError:
-                raise ValueError(f"{path}:{line_no}: score {raw!r} is not a number") from None
+                bad.append((line_no, f"score {raw!r} is not a number"))
+                continue
         elif raw in labels:
             label = labels.index(raw)
         else:
-            raise ValueError(f"{path}:{line_no}: unknown label {raw!r}; expected one of {labels}")
+            bad.append((line_no, f"unknown label {raw!r}; expected one of {labels}"))
+            continue
         examples.append({"text": fields[cols[0]], "text_pair": None if cols[1] is None else fields[cols[1]],
                          "label": label})
+    if bad and len(bad) > MAX_MALFORMED * (len(examples) + len(bad)):
+        line_no, why = bad[0]
+        raise ValueError(f"{path}:{line_no}: {why} ({len(bad)} malformed rows of {len(examples) + len(bad)})")
+    if bad:
+        print(f"{path}: skipped {len(bad)} malformed row(s) of {len(examples) + len(bad)} "
+              f"(first at line {bad[0][0]}: {bad[0][1]})")
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
@@ -202,19 +230,26 @@ def format_prompt(example):
 
 def read_instruct_json(path):
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; instruction sets live at <data_dir>/<set>/train.json and test.json")
+    text = read_text(path, "instruction sets live at <data_dir>/<set>/train.json and test.json")
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of objects")
+    if not rows:
+        raise ValueError(f"{path}: no examples (an empty list)")
     examples = []
     for i, row in enumerate(rows):
         missing = [k for k in ("instruction", "output", "answer") if not isinstance(row, dict) or k not in row]
         if missing:
             raise ValueError(f"{path}: item {i} lacks {missing}; each item needs instruction, input, output, answer")
+        empty = [k for k in ("instruction", "output", "answer") if row[k] is None] + \
+            [k for k in ("instruction", "answer") if row[k] is not None and str(row[k]).strip() == ""]
+        if empty:  # str(None) would train on the text "None"
+            raise ValueError(f"{path}: item {i} has a null or empty {empty}; instruction and answer need text, "
+                             f"output a string")
+        row = dict(row, input=row.get("input") or "")  # a null input means none
         examples.append({"prompt": format_prompt(row), "response": str(row["output"]).strip(),
                          "label": str(row["answer"]).strip()})
     return examples
@@ -368,30 +403,50 @@ TASKS = ("docstrings", *GLUE, "instruct")
 
 
 def encode_classification(examples, tokenizer, max_len):
-    """Token ids per example (text, optional pair), and its label."""
+    """Token ids per example (text, optional pair), its segment ids when the
+    tokenizer makes them for its model (BERT-style pairs), and its label."""
+    segments = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
     out = []
     for ex in examples:
-        ids = tokenizer(ex["text"], ex["text_pair"], truncation=True, max_length=max_len)["input_ids"]
-        out.append({"input_ids": ids, "label": ex["label"]})
+        enc = tokenizer(ex["text"], ex["text_pair"], truncation=True, max_length=max_len)
+        item = {"input_ids": enc["input_ids"], "label": ex["label"]}
+        if segments and "token_type_ids" in enc:
+            item["token_type_ids"] = enc["token_type_ids"]
+        out.append(item)
     return out
 
 
-def encode_generation(examples, tokenizer, max_len):
-    """Prompt + response + eos; labels mask the prompt (-100) so only the response is learned."""
+def encode_generation(examples, tokenizer, max_len, warn=True):
+    """Prompt + response + eos; labels mask the prompt (-100) so only the response is
+    learned. Examples whose response is cut by max_len are counted; those with no
+    response token left are dropped (they would teach nothing, and a batch of them
+    has no loss)."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    out = []
+    out, cut, gone = [], 0, 0
     for ex in examples:
         prompt = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
         response = tokenizer(" " + ex["response"], add_special_tokens=False)["input_ids"] + [eos]
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         ids = (bos + prompt + response)[:max_len]
         labels = ([-100] * (len(bos) + len(prompt)) + response)[:max_len]
+        if len(bos) + len(prompt) + len(response) > max_len:
+            cut += 1
+        if all(label == -100 for label in labels):
+            gone += 1
+            continue
         out.append({"input_ids": ids, "labels": labels})
+    if cut and warn:
+        n = len(examples)
+        print(f"warning: --max_len={max_len} cuts the response of {cut} of {n} training examples ({100 * cut / n:.1f}%); "
+              f"{gone} ({100 * gone / n:.1f}%) keep no response token and are left out. Raise --max_len to keep them.")
+    if not out:
+        raise ValueError(f"--max_len={max_len} leaves no response token in any training example; raise it")
     return out
 
 
 def collate(items, pad_id, regression=False):
-    """Right-padded batch: input_ids, attention_mask and labels."""
+    """Right-padded batch: input_ids, attention_mask, token_type_ids when the items
+    have them, and labels."""
     width = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -399,6 +454,11 @@ def collate(items, pad_id, regression=False):
         ids[row, :len(it["input_ids"])] = torch.tensor(it["input_ids"])
         mask[row, :len(it["input_ids"])] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in items[0]:
+        segments = torch.zeros((len(items), width), dtype=torch.long)
+        for row, it in enumerate(items):
+            segments[row, :len(it["token_type_ids"])] = torch.tensor(it["token_type_ids"])
+        batch["token_type_ids"] = segments
     if "labels" in items[0]:  # token labels for causal LM
         labels = torch.full((len(items), width), -100, dtype=torch.long)
         for row, it in enumerate(items):

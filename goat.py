@@ -23,6 +23,7 @@ One file, PyTorch only. Where each piece of the paper lives:
 The adapter cannot be merged into the base weight: routing depends on the input.
 """
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -188,6 +189,8 @@ def _autocast_dtype(device_type):
         enabled = torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 has no device argument
         enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    except RuntimeError:  # a device type without autocast (meta, ...)
+        return None
     if not enabled:
         return None
     if hasattr(torch, "get_autocast_dtype"):
@@ -202,11 +205,18 @@ def _in_backward():
     return graph_task is not None and graph_task() != -1
 
 
+def _autocast_off(device_type):
+    """A context that turns autocast off where it is on."""
+    if _autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
 def router_logits(x, router):
     """x @ R^T in at least float32, also under autocast (bf16 logits would make
     near-ties arbitrary); float64 stays float64."""
     dtype = torch.promote_types(torch.promote_types(x.dtype, router.dtype), torch.float32)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         return F.linear(x.to(dtype), router.to(dtype))
 
 
@@ -238,7 +248,7 @@ class _AutocastInput(torch.autograd.Function):
         u = F.linear(dropped, A.to(x_low.dtype))
         logits = None
         if router is not None:
-            with torch.autocast(device_type=x.device.type, enabled=False):
+            with _autocast_off(x.device.type):
                 logits = F.linear(x.float(), router.float())
         ctx.save_for_backward(x_low, mask, A, router)
         ctx.keep_scale, ctx.x_dtype = keep_scale, x.dtype
@@ -248,7 +258,7 @@ class _AutocastInput(torch.autograd.Function):
     def backward(ctx, grad_u, grad_logits):
         x_low, mask, A, router = ctx.saved_tensors
         drop = (lambda t: t) if mask is None else (lambda t: t * mask * ctx.keep_scale)
-        with torch.autocast(device_type=x_low.device.type, enabled=False):
+        with _autocast_off(x_low.device.type):
             grad_u = grad_u.to(x_low.dtype)
             grad_x = drop(grad_u @ A.to(x_low.dtype)).float()
             grad_A = (grad_u.t() @ drop(x_low)).to(A.dtype) if ctx.needs_input_grad[2] else None
@@ -370,7 +380,10 @@ class GOATLinear(_Routed):
         self.experts, self.top_k, self.expert_rank = cfg.experts, cfg.top_k, cfg.expert_rank
         self.scaling = resolve_scaling(cfg, n)
         self.fingerprint = weight_fingerprint(base.weight)
-        A0, B0 = init_factors(base.weight, cfg, self.scaling, name, svd_device) if factors is None else factors
+        if factors is None:
+            A0, B0 = init_factors(base.weight, cfg, self.scaling, name, svd_device)
+        else:  # computed elsewhere (another process, another device): kept on this weight's device
+            A0, B0 = (f.to(base.weight.device) for f in factors)
         dtype = A0.dtype
         self.register_buffer("lora_A0", A0.clone())
         self.register_buffer("lora_B0", B0.clone())
@@ -650,7 +663,8 @@ def goat_state_dict(model):
     for name, mod in goat_layers(model):
         for key in ("lora_A", "lora_B", "lora_router", "lora_A0", "lora_B0"):
             tensor = getattr(mod, key)
-            if tensor is not None:
+            if tensor is not None:  # a sharded (FSDP) tensor is gathered: every process must call this
+                tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
                 state[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
         state[f"{name}.fingerprint"] = mod.fingerprint
         layers[name] = dict(asdict(mod.cfg), shape=list(mod.base.weight.shape))

