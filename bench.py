@@ -33,17 +33,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def saved_bytes(fn):
-    """Bytes of the tensors autograd keeps for backward while running fn()."""
-    total = 0
+def saved_bytes(fn, exclude=()):
+    """Bytes of the tensors autograd keeps for backward while running fn(), each
+    storage counted once (q, k and v may save the same input), without the storages
+    of `exclude` (parameters: they exist anyway)."""
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    seen = {}
 
     def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return out, total
+    return out, sum(seen.values())
 
 
 def time_side_by_side(variants, repeats, warmup, device):
@@ -97,8 +101,9 @@ def bench_layers(shapes, device, dtype, repeats, warmup):
         for name, layer in layers.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            params = list(layer.parameters()) if isinstance(layer, nn.Module) else list(layers["goat"].parameters())
             with autocast:
-                _, memory[name] = saved_bytes(lambda: layer(x))
+                _, memory[name] = saved_bytes(lambda: layer(x), exclude=params)
             if device.type == "cuda":
                 step(layer)()
                 memory[name + "_peak"] = torch.cuda.max_memory_allocated()
@@ -115,6 +120,75 @@ def bench_layers(shapes, device, dtype, repeats, warmup):
               + f" | goat/lora {row['goat/lora']:.2f} loop/goat {row['loop/goat']:.2f} goat/base {row['goat/base']:.2f}"
               + f" | saved MB goat {row['saved_MB']['goat']:.1f} lora {row['saved_MB']['lora']:.1f}", flush=True)
     return rows
+
+
+def bench_autocast_memory(device, n=1024, tokens=2048):
+    """What autograd keeps for backward under bf16 autocast, per layer, GOAT against one
+    LoRA of the same total rank (dropout on, as in training): the frozen base in bf16,
+    adapters in float32, and the layer input in bf16 (a previous matmul's output) or
+    float32 (a LayerNorm's). GOAT's router stays float32; the budget is 1.25x LoRA."""
+    rows = []
+    for input_dtype in (torch.bfloat16, torch.float32):
+        sizes = {}
+        for method in ("lora", "goat"):
+            torch.manual_seed(0)
+            layer = goat.GOATLinear(nn.Linear(n, n, device=device, dtype=torch.bfloat16),
+                                    goat.preset(method, rank=RANK, alpha=2 * RANK))
+            layer.train()
+            x = torch.randn(tokens, n, device=device, dtype=input_dtype, requires_grad=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                _, sizes[method] = saved_bytes(lambda: layer(x), exclude=list(layer.parameters()))
+        row = {"device": device.type, "shape": f"{n}x{n}", "tokens": tokens, "input": str(input_dtype).split(".")[-1],
+               "saved_MiB": {k: round(v / 2**20, 2) for k, v in sizes.items()}, "goat/lora": sizes["goat"] / sizes["lora"]}
+        rows.append(row)
+        print(f"{device.type} bf16 autocast, {row['input']} input, {n}x{n}, T={tokens}: saved for backward "
+              f"GOAT {row['saved_MiB']['goat']:.1f} MiB, LoRA {row['saved_MiB']['lora']:.1f} MiB, "
+              f"ratio {row['goat/lora']:.3f} (budget 1.25)", flush=True)
+    return rows
+
+
+CHECKPOINT_PROBE = """
+import json, resource, sys, torch, goat, bench, train
+torch.manual_seed(0)
+model = bench.minilm()().to(sys.argv[1])
+goat.add_goat(model, goat.preset("goat", rank=32, alpha=64), "all-linear")
+model.classifier.requires_grad_(True)
+if sys.argv[2] == "1":
+    train.enable_grad_checkpointing(model)
+model.train()
+ids = torch.randint(1000, 20000, (int(sys.argv[3]), 128), device=sys.argv[1])
+labels = torch.zeros(ids.shape[0], dtype=torch.long, device=sys.argv[1])
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+before = torch.cuda.memory_allocated() if sys.argv[1] == "cuda" else rss()
+if sys.argv[1] == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+(model(input_ids=ids, labels=labels).loss + 1e-3 * goat.balance_loss(model)).backward()
+peak = torch.cuda.max_memory_allocated() if sys.argv[1] == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"extra_MiB": (peak - before) / 2**20}))
+"""
+
+
+def bench_grad_checkpointing(device, batch=64):
+    """Peak memory of one MiniLM training step (forward + backward, GOAT) above what the
+    model itself holds, with and without --grad_checkpointing, each in a fresh process
+    (CPU: peak resident memory; CUDA: peak allocated)."""
+    import subprocess
+    import sys
+    if minilm() is None:
+        return None
+    out = {}
+    for flag in ("0", "1"):
+        proc = subprocess.run([sys.executable, "-c", CHECKPOINT_PROBE, device.type, flag, str(batch)],
+                              capture_output=True, text=True, cwd=__import__("os").path.dirname(__file__) or ".")
+        if proc.returncode:
+            print(f"grad checkpointing probe failed: {proc.stderr[-500:]}")
+            return None
+        out["with" if flag == "1" else "without"] = json.loads(proc.stdout.strip().splitlines()[-1])["extra_MiB"]
+    out["saved_fraction"] = 1 - out["with"] / out["without"]
+    print(f"MiniLM step ({batch}x128, GOAT, {device.type}): peak memory above the model "
+          f"{out['without']:.0f} MiB without, {out['with']:.0f} MiB with --grad_checkpointing "
+          f"({100 * out['saved_fraction']:.0f}% less)", flush=True)
+    return out
 
 
 def bench_svd_init(sizes, device):
@@ -192,11 +266,15 @@ def main():
     shapes = [(384, 384, 4096), (1024, 1024, 4096)] + ([] if args.quick else [(4096, 4096, 1024)])
     result["layers"] += bench_layers(shapes, cpu, torch.float32, repeats, warmup)
     result["svd_init_s"]["cpu"] = bench_svd_init([384, 1024] + ([] if args.quick else [4096]), cpu)
+    result["autocast_memory"] = bench_autocast_memory(cpu)
+    result["grad_checkpointing"] = {"cpu": bench_grad_checkpointing(cpu)}
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         gpu_shapes = [(384, 384, 16384), (1024, 1024, 16384), (4096, 4096, 16384)]
         result["layers"] += bench_layers(gpu_shapes, gpu, torch.bfloat16, repeats, warmup)
         result["svd_init_s"]["cuda"] = bench_svd_init([1024, 4096], gpu)
+        result["autocast_memory"] += bench_autocast_memory(gpu, n=4096, tokens=8192)
+        result["grad_checkpointing"]["cuda"] = bench_grad_checkpointing(gpu, batch=128)
     result["model_cpu"] = bench_model(cpu, max(2, repeats // 3), 1)
     if torch.cuda.is_available():
         result["model_cuda"] = bench_model(torch.device("cuda"), repeats, warmup)

@@ -346,7 +346,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_bert_dir):
         goat.add_goat(model, goat.GOATConfig(rank=8, experts=4, top_k=2, dropout=0.0))
         model.classifier.requires_grad_(True)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            train.enable_grad_checkpointing(model)
         model.train()
         ids = torch.randint(5, 30, (4, 9), generator=torch.Generator().manual_seed(1))
         loss = model(input_ids=ids, labels=torch.tensor([0, 1, 1, 0])).loss + 0.1 * goat.balance_loss(model)

@@ -315,3 +315,99 @@ def test_default_run_smoke(tmp_path):
     assert result["task"] == "docstrings" and 0 <= metrics["dev"]["accuracy"] <= 1
     assert result["majority_baseline"]["dev"]["accuracy"] > 0
     assert (tmp_path / "loss.png").exists() and (tmp_path / "expert_load.png").exists()
+
+
+# --- data as distributed, models as they come --------------------------------------------
+
+def test_glue_files_with_a_byte_order_mark_load(tmp_path):
+    (tmp_path / "MRPC").mkdir()
+    header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"  # as in the MRPC files of the GLUE distribution
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "MRPC" / name).write_text(f"{header}\n1\t7\t8\tHe ran.\tHe jogged.\n", encoding="utf-8")
+    task = data.load_task("mrpc", tmp_path)
+    assert task.train == [{"text": "He ran.", "text_pair": "He jogged.", "label": 1}]
+
+
+def test_a_few_malformed_rows_are_skipped_and_counted(tmp_path, capsys):
+    """QQP's train.tsv has rows with missing fields: they are skipped with a count."""
+    (tmp_path / "QQP").mkdir()
+    rows = ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"]
+    rows += [f"{i}\t1\t2\tWhy q{i}?\tHow q{i}?\t{i % 2}" for i in range(300)]
+    rows.insert(120, "999\t5\tHow do I")  # rows with missing fields
+    rows.insert(200, "998\t6")
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "QQP" / name).write_text("\n".join(rows) + "\n")
+    task = data.load_task("qqp", tmp_path)
+    assert len(task.train) == 300
+    assert "skipped 2 malformed row(s) of 302 (first at line 121" in capsys.readouterr().out
+
+
+def test_sentence_pairs_keep_their_segment_ids(tiny_bert_dir):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    examples = [{"text": "good movie", "text_pair": "bad film plot", "label": 1},
+                {"text": "the plot", "text_pair": "was fine", "label": 0}]
+    items = data.encode_classification(examples, tokenizer, 32)
+    batch = data.collate(items, tokenizer.pad_token_id)
+    assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # [CLS] good movie [SEP] bad film plot [SEP]
+    assert batch["token_type_ids"][1].tolist() == [0, 0, 0, 0, 1, 1, 1, 0]  # padded with 0
+    args = train.parse_args(["--batch_size=2"])
+    env = train.SimpleNamespace(world=1, rank=0)
+    micro = train.Batches(items * 4, args, env, False, 0).micro(0, 0)
+    assert "token_type_ids" in micro and micro["token_type_ids"].max() == 1
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_without_pad_dir(tmp_path_factory):
+    """A LLaMA whose config has no pad token, as the released LLaMA checkpoints."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import write_tokenizer
+    folder = tmp_path_factory.mktemp("tiny_llama_nopad")
+    vocab = write_tokenizer(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                 bos_token_id=None, eos_token_id=3, pad_token_id=None)).save_pretrained(folder)
+    return folder
+
+
+def test_a_llama_without_pad_token_trains_on_a_glue_task(tiny_llama_without_pad_dir, glue_dir, tmp_path):
+    train.main(common(tiny_llama_without_pad_dir, tmp_path, "--task=sst2", f"--data_dir={glue_dir}", "--method=goat",
+                      "--rank=8", "--experts=4", "--batch_size=16", "--max_steps=30", "--lr=5e-3", "--warmup=2"))
+    losses = read_losses(tmp_path)
+    assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
+    assert read_result(tmp_path)["heads"] == ["score"]
+
+
+def test_heads_missing_from_the_checkpoint_are_trained_in_full(glue_dir, tmp_path):
+    """A checkpoint without a pooler (as many encoders ship): the new pooler is trained
+    in full with the classifier, not wrapped with its random weights frozen."""
+    from transformers import BertConfig, BertModel
+    from conftest import write_tokenizer
+    folder = tmp_path / "no_pooler"
+    folder.mkdir()
+    vocab = write_tokenizer(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=64), add_pooling_layer=False).save_pretrained(folder)
+    train.main(common(folder, tmp_path / "run", "--task=sst2", f"--data_dir={glue_dir}", "--rank=8", "--experts=4",
+                      "--max_steps=3", "--batch_size=16", "--max_len=32"))
+    assert read_result(tmp_path / "run")["heads"] == ["bert.pooler.dense", "classifier"]
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "run" / "adapter.safetensors")
+    assert "head.bert.pooler.dense.weight" in saved and not any(k.startswith("bert.pooler.dense.lora") for k in saved)
+
+
+def test_cut_instruction_responses_are_counted_and_empty_ones_left_out(tiny_llama_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    short = {"prompt": data.format_prompt({"instruction": "yes", "input": ""}), "response": "yes", "label": "yes"}
+    long = {"prompt": data.format_prompt({"instruction": "yes " * 40, "input": ""}), "response": "no", "label": "no"}
+    prompt_len = len(tokenizer(short["prompt"], add_special_tokens=False)["input_ids"])
+    items = data.encode_generation([short, short, long, long], tokenizer, prompt_len + 1)
+    assert len(items) == 2 and all(any(t != -100 for t in it["labels"]) for it in items)
+    out = capsys.readouterr().out
+    assert "cuts the response of 4 of 4 training examples (100.0%)" in out and "2 (50.0%) keep no response token" in out
+    with pytest.raises(ValueError, match="leaves no response token in any training example"):
+        data.encode_generation([long], tokenizer, 10)
+    assert train.parse_args(["--task=instruct"]).max_len == 512 and train.parse_args([]).max_len == 128

@@ -239,8 +239,8 @@ def setup_distributed(args):
     env.distributed = env.world > 1
     env.master = env.rank == 0
     env.device, env.device_type = device, "cuda" if device.startswith("cuda") else "cpu"
-    if args.fsdp and not env.distributed:
-        print("--fsdp with one process: nothing to shard, training unsharded")
+    if args.fsdp and "RANK" not in os.environ:
+        print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
         env.fsdp = False
     return env
 
@@ -496,7 +496,8 @@ def apply_method(model, args, heads, env, state=None):
             load_trainable_state(model, state, heads)
         elif args.method in ADAPTER_METHODS:
             cfg = method_config(args)
-            goat.add_goat(model, cfg, targets, exclude, factors=shared_factors(model, cfg, targets, exclude, env))
+            goat.add_goat(model, cfg, targets, exclude, factors=shared_factors(model, cfg, targets, exclude, env),
+                          svd_device=env.device if env.fsdp else None)  # under FSDP the model waits on the CPU
     except ValueError as e:  # a target that matches nothing, a rank above a layer's size, ...
         raise SystemExit(f"--method={args.method} --targets={args.targets}: {e}") from None
     if args.method in ADAPTER_METHODS:
@@ -583,9 +584,7 @@ def read_adapter(path):
 def wrap_for_training(model, args, env):
     """DDP or FSDP2 around the wrapped model; torch.compile if asked."""
     if args.grad_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise SystemExit("--grad_checkpointing needs a Hugging Face model")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_grad_checkpointing(model)
     if env.fsdp:
         shard(model)
     if args.compile:
@@ -598,6 +597,18 @@ def wrap_for_training(model, args, env):
         model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None,
                     broadcast_buffers=False, init_sync=False)
     return model
+
+
+def enable_grad_checkpointing(model):
+    """Non-reentrant activation checkpointing of every block: the reentrant kind runs the
+    forward without autograd, which would cut GOAT's balance loss off its routers."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise SystemExit("--grad_checkpointing needs a Hugging Face model")
 
 
 def shard(model):
