@@ -36,3 +36,27 @@ def test_compare_table_means_spreads_and_averages():
     assert lines[2] == "| lora | 81.0 ± 1.4 | 25.0 ± 7.1 | 53.0 |"
     assert lines[3] == "| goat | 85.0 | - | - |"
     assert "sst2 2, cola 2" in text and "sst2 100, cola 50" in text
+
+
+# torch features the code uses, with the release that introduced them. The minimum in
+# requirements.txt must be at least the newest of those the code actually uses.
+TORCH_FEATURES = {
+    "init_sync=": (2, 6),  # DDP(init_sync=...), pytorch/pytorch#142824
+    "from torch.distributed.fsdp import fully_shard": (2, 6),  # FSDP2's public home
+    "get_optimizer_state_dict": (2, 2),  # torch.distributed.checkpoint.state_dict
+    "torch.amp.GradScaler(": (2, 3),
+}
+
+
+def test_requirements_admit_only_torch_versions_the_code_runs_on():
+    import re
+    from pathlib import Path
+    here = Path(__file__).resolve().parent
+    source = "".join((here / name).read_text() for name in ("goat.py", "train.py", "data.py"))
+    used = {feature: version for feature, version in TORCH_FEATURES.items() if feature in source}
+    assert "init_sync=" in used and "from torch.distributed.fsdp import fully_shard" in used  # the table is live
+    line = next(l for l in (here / "requirements.txt").read_text().splitlines() if re.match(r"torch\b", l))
+    minimum = tuple(int(x) for x in re.search(r">=\s*(\d+)\.(\d+)", line).groups())
+    assert minimum >= max(used.values()), (line, used)
+    installed = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    assert installed >= minimum

@@ -377,18 +377,20 @@ RUN_FILES = ("result.json", "ckpt.pt", "metrics.jsonl", "adapter.safetensors", "
              "adapter.json", "config.json", "loss.png", "expert_load.png")
 
 
-def start_records(out_dir, args, env, resumed_at):
+def start_records(out_dir, args, env, resumed_at, changes=()):
     """Rank 0, once every input is known to be valid: --overwrite clears the old run
-    only now (a mistyped flag destroys nothing), then config.json and metrics.jsonl."""
+    only now (a mistyped flag destroys nothing), then config.json (on a resume, only
+    when --allow_resume_changes changed something: it then says what) and metrics.jsonl."""
     if args.overwrite:
         for name in RUN_FILES:
             (out_dir / name).unlink(missing_ok=True)
     metrics = out_dir / "metrics.jsonl"
-    if resumed_at is None:
-        write_json(out_dir / "config.json", dict(vars(args), world_size=env.world))
-        metrics.write_text("")
-    else:
-        metrics.write_text(read_metrics(metrics, resumed_at))
+    if resumed_at is None or changes:
+        record = dict(vars(args), world_size=env.world)
+        if changes:
+            record["resumed_at_step_with_changes"] = {"step": resumed_at, "changes": list(changes)}
+        write_json(out_dir / "config.json", record)
+    metrics.write_text("" if resumed_at is None else read_metrics(metrics, resumed_at))
 
 
 def read_checkpoint(path):
@@ -885,14 +887,8 @@ def main(argv=None):
     return metrics
 
 
-def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
-    if ckpt is not None:
-        changes = check_resume(ckpt, args, env.world)
-        if changes:
-            print0(env, "--allow_resume_changes: resuming despite " + "; ".join(changes))
-    torch.manual_seed(args.seed)  # same on every process: identical initial adapters and routers
-
-    # --- data
+def load_data(args):
+    """The task (with its validation split and caps), the tokenizer and the encoded training set."""
     from transformers import AutoTokenizer
     split = lambda s: [x for x in s.split(",") if x]
     try:
@@ -906,38 +902,86 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
         task.train = [task.train[i] for i in order[:args.max_train_examples].tolist()]
     if args.max_eval_examples:
         task.evals = {k: v[:args.max_eval_examples] for k, v in task.evals.items()}
-    model_path = args.model or default_model()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(args.model or default_model())
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
-    generative = task.kind == "generation"
-    encode = data.encode_generation if generative else data.encode_classification
+    encode = data.encode_generation if task.kind == "generation" else data.encode_classification
     try:
-        train_items = encode(task.train, tokenizer, args.max_len)
+        return task, tokenizer, encode(task.train, tokenizer, args.max_len)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
-    # --- model and method
+
+def build_model(args, env, task, tokenizer, dtype, state):
+    """The pretrained model with the method applied (from `state`, a checkpoint's or an
+    adapter's, when given), on its device. Returns (model, heads, routed)."""
     full = args.method.startswith("full")
     base_dtype = torch.bfloat16 if (dtype == "bfloat16" and not full) else torch.float32  # frozen base in bf16
+    model_path = args.model or default_model()
     model, heads = load_model(args, task, model_path, base_dtype)
     check_positions(args, model, tokenizer)
     if model.config.pad_token_id is None:  # e.g. LLaMA: batches of several sequences need it
         model.config.pad_token_id = tokenizer.pad_token_id
     if not env.fsdp:  # under FSDP the whole model may not fit one device: fully_shard moves the shards
         model.to(env.device)
-    state = ckpt["model"] if ckpt is not None else (read_adapter(args.adapter) if args.adapter else None)
     params = apply_method(model, args, heads, env, state)
     if not env.fsdp:
         model.to(env.device)
-    routed = any(isinstance(m, goat._Routed) and m.experts > 1 for m in model.modules())
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     print0(env, f"{args.method} on {Path(model_path).name}: {n_trainable:,} trainable of {n_total:,} parameters "
                 f"({100 * n_trainable / n_total:.2f}%)" + (f"; heads trained in full: {', '.join(heads)}" if heads else ""))
+    routed = any(isinstance(m, goat._Routed) and m.experts > 1 for m in model.modules())
+    return model, heads, routed
+
+
+def learning_rate(step, args, max_steps):
+    """Linear warmup, then cosine decay to zero."""
+    warmup = warmup_steps(args.warmup, max_steps)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def log_step(path, done, max_steps, values, lr, tokens, seconds, left, raw_model, args):
+    """One row of metrics.jsonl and one progress line (rank 0)."""
+    task_loss, balance, grad_norm = values
+    tok_s = tokens / max(seconds, 1e-9)
+    row = {"step": done, "loss": task_loss + args.balance_coef * balance, "task_loss": task_loss,
+           "balance_loss": balance, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tok_s,
+           "expert_load": {k: [round(x, 4) for x in v.tolist()] for k, v in goat.expert_load(raw_model).items()}}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"step {done}/{max_steps} | loss {task_loss:.4f} | balance {balance:.3f} | lr {lr:.2e} "
+          f"| {tok_s:,.0f} tok/s | {left / 60:.1f} min left", flush=True)
+
+
+def report(metrics, task, args, env, extra):
+    """The metrics, printed first (a full disk loses none), then result.json."""
+    result = {"task": task.name, "method": args.method, "model": str(args.model or "all-MiniLM-L6-v2"),
+              "metrics": metrics, "main_metric": task.main_metric,
+              "majority_baseline": task.majority_baseline() if task.kind != "generation" else None, **extra}
+    if not env.master:
+        return
+    for name, values in metrics.items():
+        base = (result["majority_baseline"] or {}).get(name, {}).get(task.main_metric)
+        print(f"{name}: {task.main_metric} {values[task.main_metric]:.4f}"
+              + (f" (majority-class baseline {base:.4f})" if base is not None else ""))
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
+    changes = check_resume(ckpt, args, env.world) if ckpt is not None else []
+    if changes:
+        print0(env, "--allow_resume_changes: resuming despite " + "; ".join(changes))
+    torch.manual_seed(args.seed)  # same on every process: identical initial adapters and routers
+    task, tokenizer, train_items = load_data(args)
+    state = ckpt["model"] if ckpt is not None else (read_adapter(args.adapter) if args.adapter else None)
+    raw_model, heads, routed = build_model(args, env, task, tokenizer, dtype, state)
     if env.distributed:
         seed_per_rank(args.seed, env.rank)
-    raw_model = model
-    model = wrap_for_training(model, args, env)
+    model = wrap_for_training(raw_model, args, env)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
@@ -947,14 +991,6 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
         raise SystemExit(f"{len(train_items)} training examples are fewer than one global batch of "
                          f"{batches.global_batch}; lower --batch_size or --grad_accum")
     max_steps = args.max_steps if args.max_steps is not None else math.ceil(args.epochs * batches.per_epoch)
-    warmup = warmup_steps(args.warmup, max_steps)
-
-    def get_lr(step):  # linear warmup, then cosine decay to zero
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, max_steps - warmup)
-        return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
     start_step, ckpt_path, metrics_path = 0, out_dir / "ckpt.pt", out_dir / "metrics.jsonl"
     if ckpt is not None:
         if env.fsdp:
@@ -965,7 +1001,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
         restore_random_state(ckpt, env)
         print0(env, f"resumed from {ckpt_path} at step {start_step}")
     if env.master and not args.evaluate_only:
-        start_records(out_dir, args, env, start_step if ckpt is not None else None)
+        start_records(out_dir, args, env, start_step if ckpt is not None else None, changes)
 
     # --- the loop
     model.train()
@@ -974,7 +1010,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
     tokens = 0
     try:
         for step in range(start_step, max_steps):
-            lr = get_lr(step)
+            lr = learning_rate(step, args, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             task_loss, balance, grad_norm, n_tokens = train_step(model, raw_model, batches, step, optimizer, scaler,
@@ -984,24 +1020,16 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
             health.update(done, task_loss, grad_norm)
             stopping = any_rank(env, stop.received is not None)
             if done % args.log_every == 0 or done == max_steps or done == start_step + 1:
-                losses = torch.stack([task_loss, balance.to(task_loss.device), grad_norm.float()])
+                values = torch.stack([task_loss, balance.to(task_loss.device), grad_norm.float()])
                 if env.distributed:  # the loss of the whole global batch, not rank 0's share
-                    dist.all_reduce(losses)
-                    losses /= env.world
-                task_loss_v, balance_v, grad_norm_v = losses.tolist()  # the one host sync, on logging steps
-                health.check(done, task_loss_v, args)
+                    dist.all_reduce(values)
+                    values /= env.world
+                values = values.tolist()  # the one host sync, on logging steps only
+                health.check(done, values[0], args)
                 if env.master:
                     now = time.time()
-                    tok_s = tokens / max(now - t_log, 1e-9)
-                    left = (now - t0) / (done - start_step) * (max_steps - done)
-                    row = {"step": done, "loss": task_loss_v + args.balance_coef * balance_v, "task_loss": task_loss_v,
-                           "balance_loss": balance_v, "grad_norm": grad_norm_v, "lr": lr, "tokens_per_s": tok_s,
-                           "expert_load": {k: [round(x, 4) for x in v.tolist()]
-                                           for k, v in goat.expert_load(raw_model).items()}}
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    print(f"step {done}/{max_steps} | loss {task_loss_v:.4f} | balance {balance_v:.3f} | lr {lr:.2e} "
-                          f"| {tok_s:,.0f} tok/s | {left / 60:.1f} min left", flush=True)
+                    log_step(metrics_path, done, max_steps, values, lr, tokens, now - t_log,
+                             (now - t0) / (done - start_step) * (max_steps - done), raw_model, args)
                     tokens, t_log = 0, now
             if args.eval_every and done % args.eval_every == 0 and done < max_steps:
                 evals = evaluate(raw_model, task, tokenizer, args, env, autocast)
@@ -1020,19 +1048,12 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
     finally:
         stop.restore()
 
-    # --- the result: printed first, then written (a full disk loses no metric)
+    # --- the result
     metrics = evaluate(raw_model, task, tokenizer, args, env, autocast)
-    result = {"task": task.name, "method": args.method, "model": str(args.model or "all-MiniLM-L6-v2"),
-              "metrics": metrics, "majority_baseline": task.majority_baseline() if not generative else None,
-              "main_metric": task.main_metric, "trainable_params": n_trainable, "total_params": n_total,
-              "heads": heads, "train_examples": len(train_items), "steps": max_steps,
-              "seconds": round(time.time() - t0, 1), "adapter": args.adapter}
-    if env.master:
-        for name, values in metrics.items():
-            base = (result["majority_baseline"] or {}).get(name, {}).get(task.main_metric)
-            print(f"{name}: {task.main_metric} {values[task.main_metric]:.4f}"
-                  + (f" (majority-class baseline {base:.4f})" if base is not None else ""))
-        print("RESULT " + json.dumps(result), flush=True)
+    result = report(metrics, task, args, env, {
+        "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in raw_model.parameters()),
+        "heads": heads, "train_examples": len(train_items), "steps": max_steps,
+        "seconds": round(time.time() - t0, 1), "adapter": args.adapter})
     if not args.evaluate_only:
         save_adapter_or_fail(out_dir, raw_model, args, heads, env)
     if env.master:
