@@ -7,6 +7,8 @@ Tasks and metrics for train.py.
   {instruction, input, output, answer} (the commonsense and math sets of
   LLM-Adapters); trained on the response, scored by greedy generation and answer
   extraction.
+- Images in the ImageFolder layout (train/<class>/*.jpg, test/ or val/), decoded
+  lazily batch by batch with the model's own image processor; accuracy.
 - "docstrings", the offline default: the docstrings of Python's standard library,
   labelled by the topic of their module. Real, human-written text that every
   Python installation carries; built at run time (it depends on the Python
@@ -92,7 +94,7 @@ METRICS = {
 @dataclass
 class Task:
     name: str
-    kind: str                 # "classification", "regression" or "generation"
+    kind: str                 # "classification", "regression", "generation" or "image"
     train: list
     evals: dict               # eval set name -> examples
     metric: str               # key of METRICS (generation: accuracy)
@@ -385,9 +387,76 @@ def split_validation(examples, count):
     return ([ex for i, ex in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])
 
 
+# ----------------------------------------------------------------------------------
+# Images in the ImageFolder layout: <data_dir>/train/<class>/<image>, and test/ or val/
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def image_examples(folder, classes):
+    """[{image: path, label}] of folder/<class>/<file>, classes in the training set's order."""
+    examples = []
+    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        if sub.name not in classes:
+            raise ValueError(f"{sub}: class {sub.name!r} has no folder under train/; the classes are {classes}")
+        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        examples += [{"image": str(p), "label": classes.index(sub.name)} for p in files]
+    if not examples:
+        raise ValueError(f"{folder}: no images (looked for {sorted(IMAGE_SUFFIXES)} in its class folders)")
+    return examples
+
+
+def load_images(data_dir):
+    """Image classification from an ImageFolder tree: the classes are train/'s folder
+    names in sorted order; the evaluation set is test/ (or val/), reported as "dev".
+    Only paths are read here: images are decoded batch by batch (collate_images)."""
+    root = Path(data_dir)
+    layout = "--data_dir must hold train/<class>/<image> and test/<class>/<image> (or val/)"
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(f"{root / 'train'}: no such folder; {layout}")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise ValueError(f"{root / 'train'}: found {len(classes)} class folder(s), need at least 2; {layout}")
+    evaluation = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
+    if evaluation is None:
+        raise FileNotFoundError(f"{root}: no test/ or val/ folder; {layout}")
+    return Task("images", "image", image_examples(root / "train", classes),
+                {"dev": image_examples(evaluation, classes)}, "accuracy", classes)
+
+
+def read_images(items):
+    """(PIL images, their items, paths that could not be read): a corrupt or truncated
+    file is skipped, never a crash mid-epoch."""
+    from PIL import Image
+    images, kept, skipped = [], [], []
+    for item in items:
+        try:
+            with Image.open(item["image"]) as image:
+                images.append(image.convert("RGB"))  # decodes now: a truncated file fails here
+            kept.append(item)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            skipped.append(item["image"])
+    return images, kept, skipped
+
+
+def collate_images(items, processor):
+    """pixel_values (the model's own preprocessing), labels, and the skipped files."""
+    images, kept, skipped = read_images(items)
+    if not images:
+        raise ValueError(f"no image of this batch could be read: {skipped}")
+    return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"],
+            "labels": torch.tensor([it["label"] for it in kept]), "skipped": skipped}
+
+
+# ----------------------------------------------------------------------------------
+
 def load_task(task, data_dir=None, train_sets=(), eval_sets=()):
     if task == "docstrings":
         return load_docstrings()
+    if task == "images":
+        if data_dir is None:
+            raise ValueError("task images needs --data_dir, a folder with train/<class>/<image> and test/<class>/<image>")
+        return load_images(data_dir)
     if task in GLUE:
         if data_dir is None:
             raise ValueError(f"task {task} needs --data_dir, a folder in the GLUE layout ({GLUE[task][0]}/train.tsv)")
@@ -399,7 +468,7 @@ def load_task(task, data_dir=None, train_sets=(), eval_sets=()):
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
-TASKS = ("docstrings", *GLUE, "instruct")
+TASKS = ("docstrings", *GLUE, "instruct", "images")
 
 
 def encode_classification(examples, tokenizer, max_len):

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -320,15 +319,17 @@ def test_a_training_step_has_no_host_sync():
     items = [{"input_ids": list(range(i, i + 6)), "labels": list(range(i + 1, i + 7))} for i in range(32)]
     args = train.parse_args(["--batch_size=4", "--grad_accum=3"])
     env = train.SimpleNamespace(world=1, rank=0, device="meta", fsdp=False)
-    batches = train.Batches(items, args, env, False, 0)
+    batches = train.Batches(items, args, env, train.partial(train.data.collate, pad_id=0))
+    stream = train.micro_batch_stream(batches, 0, 2, workers=0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     health = train.Health("meta")
     with HostSyncs() as syncs:
         for step in range(2):
-            loss, balance, norm, _ = train.train_step(model, model, batches, step, optimizer, scaler, params, args, env,
-                                                      train.nullcontext(), True)
+            micro_batches = [next(stream) for _ in range(args.grad_accum)]
+            loss, balance, norm, _, _ = train.train_step(model, model, micro_batches, optimizer, scaler, params, args,
+                                                         env, train.nullcontext(), True)
             health.update(step + 1, loss, norm)
     assert syncs.calls == [], syncs.calls
     assert loss.device.type == "meta" and all(p.grad is None for p in params)  # the step ran to the end
@@ -378,33 +379,16 @@ def test_a_bf16_run_on_cpu_and_its_adapter_on_a_float32_base(tiny_bert_dir, glue
 
 # --- several processes (gloo on the CPU) -----------------------------------------------------
 
-def kill_tree(pid):
-    """SIGKILL a process and all its descendants (torchrun's workers run in their own sessions)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, tree = [pid], []
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def torchrun(argv, nproc=2):
     return run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                        "train.py", *argv])
 
 
 def test_ddp_dropout_streams_differ_per_process_and_a_preempted_run_resumes(tiny_bert_dir, glue_dir, tmp_path):
-    flags = ["--max_steps=40", "--lora_dropout=0.1", "--batch_size=4", "--ckpt_every=5"]
+    """Two processes with dropout: each draws its own masks (their random states differ),
+    a SIGTERM to the launcher stops both after the same step with one checkpoint, and
+    the resumed run ends where an uninterrupted one does."""
+    flags = ["--max_steps=40", "--lora_dropout=0.1", "--batch_size=4", "--ckpt_every=1000"]
     whole = torchrun(sst2(tiny_bert_dir, tmp_path / "whole", glue_dir, *flags))
     assert whole.returncode == 0, whole.stderr[-3000:]
     rngs = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)["rng"]
@@ -412,23 +396,37 @@ def test_ddp_dropout_streams_differ_per_process_and_a_preempted_run_resumes(tiny
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "train.py", *sst2(tiny_bert_dir, cut, glue_dir, *flags)], cwd=HERE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = cut / "metrics.jsonl"
     deadline = time.time() + 180
-    while not (cut / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    kill_tree(proc.pid)  # a node lost: the launcher and its workers die at once
-    proc.wait()
-    time.sleep(1)
-    assert not (cut / "result.json").exists()
+    while time.time() < deadline and proc.poll() is None and (not log.exists() or len(log.read_text().splitlines()) < 5):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # the scheduler's preemption notice, to the launcher
+    out = proc.communicate(timeout=180)[0]
+    assert "stopped by SIGTERM" in out, out[-3000:]
+    stopped_at = torch.load(cut / "ckpt.pt", weights_only=True)["step"]
+    assert 5 <= stopped_at < 40 and not (cut / "result.json").exists()
     resumed = torchrun(sst2(tiny_bert_dir, cut, glue_dir, *flags, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
+    assert f"resumed from {cut / 'ckpt.pt'} at step {stopped_at}" in resumed.stdout
     np.testing.assert_allclose(read_losses(cut), read_losses(tmp_path / "whole"), rtol=1e-5)
     assert read_result(cut)["metrics"] == read_result(tmp_path / "whole")["metrics"]
+    (cut / "result.json").unlink()
     with pytest.raises(SystemExit, match="--world_size: checkpoint 2, now 1"):  # one process: refused
-        (cut / "result.json").unlink()
         train.main(sst2(tiny_bert_dir, cut, glue_dir, *flags, "--resume", "--batch_size=8"))
+
+
+def test_resume_runs_no_svd(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    """The checkpoint holds the initial factors: resuming rebuilds W_res from them."""
+    run = tmp_path / "run"
+    killed_after_checkpoint(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--ckpt_every=2"), run)
+
+    def no_svd(*a, **k):
+        raise AssertionError("an SVD ran on resume")
+    monkeypatch.setattr(goat, "init_factors", no_svd)
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=6", "--resume", "--allow_resume_changes"))
+    assert read_result(run)["steps"] == 6
 
 
 def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path):

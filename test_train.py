@@ -353,7 +353,7 @@ def test_sentence_pairs_keep_their_segment_ids(tiny_bert_dir):
     assert batch["token_type_ids"][1].tolist() == [0, 0, 0, 0, 1, 1, 1, 0]  # padded with 0
     args = train.parse_args(["--batch_size=2"])
     env = train.SimpleNamespace(world=1, rank=0)
-    micro = train.Batches(items * 4, args, env, False, 0).micro(0, 0)
+    micro = train.Batches(items * 4, args, env, train.partial(data.collate, pad_id=0)).micro(0, 0)
     assert "token_type_ids" in micro and micro["token_type_ids"].max() == 1
 
 

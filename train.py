@@ -3,6 +3,7 @@ Fine-tune a Hugging Face model with GOAT or a baseline and report the task metri
 
     python train.py                      # all-MiniLM-L6-v2 + GOAT on the offline docstring task (CPU)
     python train.py --task=sst2 --data_dir=../shared/data/glue --method=lora
+    python train.py --task=images --data_dir=DIR --model=<a ViT or CLIP directory>
     torchrun --standalone --nproc_per_node=8 train.py --model=roberta-large --task=rte ...
 
 Methods: goat, molora, lora, pissa, milora (presets of goat.py at equal total
@@ -25,6 +26,7 @@ import socket
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,6 +103,7 @@ def build_parser():
     a("--max_train_examples", type=int, default=None)
     a("--max_eval_examples", type=int, default=None)
     a("--max_new_tokens", type=int, default=32, help="instruct: generation length at evaluation")
+    a("--workers", type=int, default=None, help="data loader processes (default: 4 for images on CUDA, else 0)")
     a("--eval_every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     a("--ckpt_every", type=int, default=100, help="steps between checkpoints")
     a("--log_every", type=int, default=10)
@@ -154,7 +157,7 @@ def adopt_adapter_flags(args, given, fail):
 
 def check_flags(args, fail):
     """Counts, rates and scales that would train silently wrong, or crash later."""
-    at_least = {"rank": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "ckpt_every": 1,
+    at_least = {"rank": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "ckpt_every": 1, "workers": 0,
                 "max_new_tokens": 1, "max_steps": 0, "eval_every": 0, "val_examples": 0, "max_len": 1,
                 "max_train_examples": 1, "max_eval_examples": 1, "experts": 1, "top_k": 1, "segments": 1}
     for name, low in at_least.items():
@@ -432,9 +435,13 @@ def check_resume(ckpt, args, world):
 def load_model(args, task, model_path, base_dtype):
     """The pretrained model with the task's head, and the names of the modules the
     checkpoint did not contain (new heads: trained in full, never wrapped)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
     if task.kind == "generation":
         model, info = AutoModelForCausalLM.from_pretrained(model_path, dtype=base_dtype, output_loading_info=True)
+    elif task.kind == "image":  # ViT, or CLIP's vision tower with a new classification head
+        model, info = AutoModelForImageClassification.from_pretrained(
+            model_path, num_labels=task.num_labels, dtype=base_dtype, ignore_mismatched_sizes=True,
+            output_loading_info=True)
     else:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=task.num_labels, dtype=base_dtype, ignore_mismatched_sizes=True,
@@ -660,8 +667,8 @@ class Batches:
     padding, still random. A function of (seed, epoch) alone, so resuming at any step
     needs nothing else; each process reads its own share of every global batch."""
 
-    def __init__(self, items, args, env, regression, pad_id):
-        self.items, self.args, self.env, self.regression, self.pad_id = items, args, env, regression, pad_id
+    def __init__(self, items, args, env, collate):
+        self.items, self.args, self.env, self.collate = items, args, env, collate
         self.global_batch = args.batch_size * args.grad_accum * env.world
         self.per_epoch = len(items) // self.global_batch
         self.cache = {}
@@ -672,7 +679,7 @@ class Batches:
             perm = torch.randperm(len(self.items), generator=gen).tolist()
             window = 50 * self.global_batch
             perm = [i for w in range(0, len(perm), window)
-                    for i in sorted(perm[w:w + window], key=lambda i: len(self.items[i]["input_ids"]))]
+                    for i in sorted(perm[w:w + window], key=lambda i: len(self.items[i].get("input_ids", ())))]
             batches = [perm[b * self.global_batch:(b + 1) * self.global_batch] for b in range(self.per_epoch)]
             self.cache = {epoch: [batches[b] for b in torch.randperm(len(batches), generator=gen).tolist()]}
         return self.cache[epoch]
@@ -682,7 +689,30 @@ class Batches:
         epoch, pos = divmod(step, self.per_epoch)
         start = (micro * self.env.world + self.env.rank) * self.args.batch_size
         chosen = [self.items[i] for i in self.epoch(epoch)[pos][start:start + self.args.batch_size]]
-        return data.collate(chosen, self.pad_id, self.regression)
+        return self.collate(chosen)
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch k of the run from `start_step` on, so that a DataLoader's worker
+    processes can prepare them ahead (decoding images); in order, as Batches says."""
+
+    def __init__(self, batches, start_step, max_steps):
+        self.batches, self.start_step, self.accum = batches, start_step, batches.args.grad_accum
+        self.count = max(0, max_steps - start_step) * self.accum
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, k):
+        step, micro = divmod(k, self.accum)
+        return self.batches.micro(self.start_step + step, micro)
+
+
+def micro_batch_stream(batches, start_step, max_steps, workers):
+    # its own generator: the loader must not draw from the global stream (dropout masks)
+    return iter(torch.utils.data.DataLoader(MicroBatches(batches, start_step, max_steps), batch_size=None,
+                                            num_workers=workers, generator=torch.Generator(),
+                                            prefetch_factor=4 if workers else None, pin_memory=workers > 0))
 
 
 @torch.no_grad()
@@ -697,16 +727,19 @@ def evaluate(model, task, tokenizer, args, env, autocast):
         if env.fsdp:  # every process runs the same forwards (each gathers weights with the others)
             todo = mine + [mine[-1] if mine else 0] * (math.ceil(len(examples) / env.world) - len(mine))
         preds = predict(model, [examples[i] for i in todo], task, tokenizer, args, env, autocast)
-        pairs = list(zip(mine, preds[:len(mine)]))
+        pairs = [(i, p) for i, p in zip(mine, preds[:len(mine)]) if p is not None]  # None: an unreadable image
         gathered = [pairs]
         if env.distributed:
             gathered = [None] * env.world
             dist.all_gather_object(gathered, pairs, group=env.control)
-        ordered = [p for _, p in sorted(pair for part in gathered for pair in part)]
+        pairs = sorted(pair for part in gathered for pair in part)
+        ordered = [p for _, p in pairs]
         if task.kind == "generation":
             results[name] = {"accuracy": sum(ordered) / len(ordered)}
         else:
-            results[name] = task.score(ordered, [ex["label"] for ex in examples])
+            results[name] = task.score(ordered, [examples[i]["label"] for i, _ in pairs])
+        if len(pairs) < len(examples):
+            print0(env, f"{name}: {len(examples) - len(pairs)} unreadable image(s) left out of the metric")
     model.train(was_training)
     return results
 
@@ -725,6 +758,15 @@ def predict(model, examples, task, tokenizer, args, env, autocast, batch_size=64
                                      pad_token_id=tokenizer.pad_token_id, synced_gpus=env.fsdp)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             preds += [int(data.answer_correct(t, ex["label"])) for t, ex in zip(texts, chunk)]
+        elif task.kind == "image":
+            images, kept, _ = data.read_images(chunk)
+            logits = []
+            if images:
+                pixels = tokenizer(images, return_tensors="pt")["pixel_values"].to(env.device)
+                with autocast:
+                    logits = model(pixel_values=pixels).logits.float().argmax(-1).tolist()
+            found = dict(zip(map(id, kept), logits))
+            preds += [found.get(id(ex)) for ex in chunk]
         else:
             batch = data.collate(data.encode_classification(chunk, tokenizer, args.max_len),
                                  tokenizer.pad_token_id, task.kind == "regression")
@@ -739,16 +781,18 @@ def predict(model, examples, task, tokenizer, args, env, autocast, batch_size=64
 # The step, and what stops a run
 
 
-def train_step(model, raw_model, batches, step, optimizer, scaler, params, args, env, autocast, routed):
-    """One optimizer step over grad_accum micro-batches. Returns device tensors (task
-    loss, balance loss, gradient norm) and the token count: no host sync."""
+def train_step(model, raw_model, micro_batches, optimizer, scaler, params, args, env, autocast, routed):
+    """One optimizer step over the grad_accum micro-batches (CPU tensors). Returns device
+    tensors (task loss, balance loss, gradient norm), the examples or tokens seen and
+    the image files skipped: no host sync."""
     task_loss_sum = balance_sum = 0.0
-    tokens = 0
-    for micro in range(args.grad_accum):
-        cpu_batch = batches.micro(step, micro)
-        tokens += int(cpu_batch["attention_mask"].sum()) * env.world  # counted on the CPU: no device sync
+    tokens, skipped = 0, []
+    for micro, cpu_batch in enumerate(micro_batches):
+        skipped += cpu_batch.pop("skipped", [])
+        count = cpu_batch["attention_mask"].sum() if "attention_mask" in cpu_batch else len(cpu_batch["labels"])
+        tokens += int(count) * env.world  # counted on the CPU: no device sync
         batch = {k: v.to(env.device, non_blocking=True) for k, v in cpu_batch.items()}
-        last = micro == args.grad_accum - 1
+        last = micro == len(micro_batches) - 1
         sync = last or not hasattr(model, "no_sync")  # DDP all-reduces on the last micro-step only
         if env.fsdp:
             model.set_requires_gradient_sync(last)
@@ -764,7 +808,7 @@ def train_step(model, raw_model, batches, step, optimizer, scaler, params, args,
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return task_loss_sum, balance_sum, grad_norm, tokens
+    return task_loss_sum, balance_sum, grad_norm, tokens, skipped
 
 
 class Health:
@@ -888,7 +932,8 @@ def main(argv=None):
 
 
 def load_data(args):
-    """The task (with its validation split and caps), the tokenizer and the encoded training set."""
+    """The task (with its validation split and caps), its tokenizer (or image processor),
+    the training items and the function that batches them."""
     from transformers import AutoTokenizer
     split = lambda s: [x for x in s.split(",") if x]
     try:
@@ -902,14 +947,20 @@ def load_data(args):
         task.train = [task.train[i] for i in order[:args.max_train_examples].tolist()]
     if args.max_eval_examples:
         task.evals = {k: v[:args.max_eval_examples] for k, v in task.evals.items()}
+    if task.kind == "image":  # images stay paths: decoded batch by batch, by the model's own processor
+        from transformers import AutoImageProcessor
+        processor = AutoImageProcessor.from_pretrained(args.model or default_model())
+        return task, processor, task.train, partial(data.collate_images, processor=processor)
     tokenizer = AutoTokenizer.from_pretrained(args.model or default_model())
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
     encode = data.encode_generation if task.kind == "generation" else data.encode_classification
     try:
-        return task, tokenizer, encode(task.train, tokenizer, args.max_len)
+        items = encode(task.train, tokenizer, args.max_len)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    return task, tokenizer, items, partial(data.collate, pad_id=tokenizer.pad_token_id,
+                                           regression=task.kind == "regression")
 
 
 def build_model(args, env, task, tokenizer, dtype, state):
@@ -919,9 +970,10 @@ def build_model(args, env, task, tokenizer, dtype, state):
     base_dtype = torch.bfloat16 if (dtype == "bfloat16" and not full) else torch.float32  # frozen base in bf16
     model_path = args.model or default_model()
     model, heads = load_model(args, task, model_path, base_dtype)
-    check_positions(args, model, tokenizer)
-    if model.config.pad_token_id is None:  # e.g. LLaMA: batches of several sequences need it
-        model.config.pad_token_id = tokenizer.pad_token_id
+    if task.kind != "image":
+        check_positions(args, model, tokenizer)
+        if model.config.pad_token_id is None:  # e.g. LLaMA: batches of several sequences need it
+            model.config.pad_token_id = tokenizer.pad_token_id
     if not env.fsdp:  # under FSDP the whole model may not fit one device: fully_shard moves the shards
         model.to(env.device)
     params = apply_method(model, args, heads, env, state)
@@ -976,7 +1028,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
     if changes:
         print0(env, "--allow_resume_changes: resuming despite " + "; ".join(changes))
     torch.manual_seed(args.seed)  # same on every process: identical initial adapters and routers
-    task, tokenizer, train_items = load_data(args)
+    task, tokenizer, train_items, collate = load_data(args)
     state = ckpt["model"] if ckpt is not None else (read_adapter(args.adapter) if args.adapter else None)
     raw_model, heads, routed = build_model(args, env, task, tokenizer, dtype, state)
     if env.distributed:
@@ -986,7 +1038,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
     # --- schedule: a global batch is batch_size * grad_accum * processes examples
-    batches = Batches(train_items, args, env, task.kind == "regression", tokenizer.pad_token_id)
+    batches = Batches(train_items, args, env, collate)
     if batches.per_epoch == 0 and not args.evaluate_only:
         raise SystemExit(f"{len(train_items)} training examples are fewer than one global batch of "
                          f"{batches.global_batch}; lower --batch_size or --grad_accum")
@@ -1006,16 +1058,22 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
     # --- the loop
     model.train()
     health, stop = Health(env.device), StopSignals()
+    workers = args.workers if args.workers is not None else (4 if task.kind == "image" and env.device_type == "cuda" else 0)
+    stream = micro_batch_stream(batches, start_step, max_steps, workers)
     t0 = t_log = time.time()
-    tokens = 0
+    tokens, skipped = 0, []
     try:
         for step in range(start_step, max_steps):
             lr = learning_rate(step, args, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            task_loss, balance, grad_norm, n_tokens = train_step(model, raw_model, batches, step, optimizer, scaler,
-                                                                 params, args, env, autocast, routed)
+            micro_batches = [next(stream) for _ in range(args.grad_accum)]
+            task_loss, balance, grad_norm, n_tokens, unread = train_step(model, raw_model, micro_batches, optimizer,
+                                                                         scaler, params, args, env, autocast, routed)
             tokens += n_tokens
+            for path in unread:
+                print(f"skipped an unreadable image: {path}", flush=True)
+            skipped += unread
             done = step + 1
             health.update(done, task_loss, grad_norm)
             stopping = any_rank(env, stop.received is not None)
@@ -1052,7 +1110,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
     metrics = evaluate(raw_model, task, tokenizer, args, env, autocast)
     result = report(metrics, task, args, env, {
         "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in raw_model.parameters()),
-        "heads": heads, "train_examples": len(train_items), "steps": max_steps,
+        "heads": heads, "train_examples": len(train_items), "steps": max_steps, "skipped_images": len(skipped),
         "seconds": round(time.time() - t0, 1), "adapter": args.adapter})
     if not args.evaluate_only:
         save_adapter_or_fail(out_dir, raw_model, args, heads, env)
