@@ -55,17 +55,21 @@ def tiny_bert_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
+def save_tiny_llama(folder, pad_token_id=0, positions=512):
+    """A 2-layer LLaMA with the word-level vocabulary; pad_token_id None as in the released checkpoints."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    folder = tmp_path_factory.mktemp("tiny_llama")
     vocab = write_tokenizer(folder)
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
-                                 bos_token_id=None, eos_token_id=3, pad_token_id=0,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=positions,
+                                 bos_token_id=None, eos_token_id=3, pad_token_id=pad_token_id,
                                  initializer_range=0.2)).save_pretrained(folder)  # big enough logits to fit
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def sentiment_rows(n, seed):

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import bench
 import goat
 from goat import GOATConfig, GOATLinear
 
@@ -78,6 +79,14 @@ class EncoderClassifier(nn.Module):
 
 
 CFG = GOATConfig(rank=8, experts=4, top_k=2, dropout=0.0)
+
+
+def wrapped_nanogpt(seed=0):
+    """A NanoGPT with GOAT on every Linear it may wrap, in training mode."""
+    torch.manual_seed(seed)
+    model = NanoGPT()
+    goat.add_goat(model, CFG)
+    return model.train()
 
 
 def lm_batch(seed, batch=8, length=12, vocab=50):
@@ -151,10 +160,7 @@ def test_exclude_takes_full_names_and_name_parts():
 
 
 def test_deepcopy_and_pickle_after_a_training_forward():
-    torch.manual_seed(0)
-    model = NanoGPT()
-    goat.add_goat(model, CFG)
-    model.train()
+    model = wrapped_nanogpt()
     idx, targets = lm_batch(0)
     model(idx, targets)  # statistics with a graph are held now
     twin = copy.deepcopy(model)  # e.g. an EMA or best-model copy
@@ -181,10 +187,7 @@ def held_balance_loss(mod):
 
 
 def test_a_skipped_layer_adds_no_stale_balance_loss():
-    torch.manual_seed(0)
-    model = NanoGPT()
-    goat.add_goat(model, CFG)
-    model.train()
+    model = wrapped_nanogpt()
     idx, targets = lm_batch(0)
     (model(idx, targets) + goat.balance_loss(model)).backward()
     model.skip = {1}  # LayerDrop: block 1 does not run in this forward
@@ -425,21 +428,6 @@ def test_autocast_path_equals_plain_autograd_with_the_same_mask():
             torch.testing.assert_close(got[name], p.grad, rtol=1e-2, atol=1e-3, msg=name)
 
 
-def saved_activation_bytes(layer, x):
-    """Bytes autograd keeps for backward, each storage counted once, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32])
 def test_goat_saves_at_most_a_quarter_more_than_lora_under_autocast(input_dtype):
     """Issue budget: GOAT's saved activations at most 1.25x LoRA's at the same total rank."""
@@ -450,5 +438,5 @@ def test_goat_saves_at_most_a_quarter_more_than_lora_under_autocast(input_dtype)
         layer.train()
         x = torch.randn(512, 256, dtype=input_dtype, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            sizes[method] = saved_activation_bytes(layer, x)
+            _, sizes[method] = bench.saved_bytes(lambda: layer(x), exclude=list(layer.parameters()))
     assert sizes["goat"] <= 1.25 * sizes["lora"], sizes

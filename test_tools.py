@@ -1,8 +1,14 @@
-"""bench.py compares like with like, and compare.py's table says what was run."""
+"""bench.py compares like with like; study.py tunes by its stated rule (grids that
+grow at an edge, the best mean validation score), computes its intervals right,
+and builds its report from result files alone; requirements admit only the torch
+versions the code runs on."""
+import math
+
+import pytest
 import torch
 
 import bench
-import compare
+import study
 
 
 def test_bench_variants_compute_the_same_function_at_init():
@@ -29,13 +35,97 @@ def test_time_side_by_side_runs_every_variant():
     assert calls == {"a": 5, "b": 5} and set(times) == {"a", "b"}
 
 
-def test_compare_table_means_spreads_and_averages():
-    scores = {("sst2", "lora"): [0.80, 0.82], ("cola", "lora"): [0.20, 0.30], ("sst2", "goat"): [0.85]}
-    text = compare.table(scores, ["sst2", "cola"], ["lora", "goat"], [0, 1], {"sst2": 100, "cola": 50})
-    lines = text.splitlines()
-    assert lines[2] == "| lora | 81.0 ± 1.4 | 25.0 ± 7.1 | 53.0 |"
-    assert lines[3] == "| goat | 85.0 | - | - |"
-    assert "sst2 2, cola 2" in text and "sst2 100, cola 50" in text
+def fake_result(run, val, dev=None, status="ok", curve_shift=0.0):
+    """The record study.py writes for a run, with chosen numbers."""
+    return {"id": run.id, "part": run.part, "task": run.task, "label": run.label, "lr": run.lr, "eta": run.eta,
+            "seed": run.seed, "status": status, "val": val, "dev": val if dev is None else dev, "seconds": 60.0,
+            "metric": "accuracy", "majority": {"val": 0.3, "dev": 0.3},
+            "loss_curve": [[5 * i, 1.0 - 0.01 * i + curve_shift] for i in range(1, 21)]}
+
+
+def score(label, lr, eta, task):
+    """A made-up validation score peaking at lr 1e-4 for full, 1e-3 for lora, (3e-4, eta 1) for goat."""
+    best = {"full": 1e-4, "lora": 1e-3}.get(label, 3e-4)
+    value = 0.8 - 0.05 * abs(math.log10(lr / best)) - (0.02 * abs(math.log10(eta)) if eta else 0.0)
+    return value - (0.1 if task == "cola" else 0.0)
+
+
+def finish(results, runs, shift=0.0):
+    for run in runs:
+        if run.id not in results:
+            results[run.id] = fake_result(run, score(run.label, run.lr, run.eta, run.task) + shift)
+
+
+def test_a_grid_grows_at_its_edge_and_stops_inside(monkeypatch):
+    monkeypatch.setattr(study, "METHODS", {"full": study.Method(["--method=full"], [3e-6, 1e-5, 3e-5]),
+                                           "lora": study.Method(["--method=lora"], [3e-4, 1e-3, 3e-3])})
+    results = {}
+    for _ in range(6):  # each round finishes what the plan asks for
+        finish(results, [r for r in study.plan(results)[0] if r.part == "tune"])
+    chosen = study.plan(results)[1]
+    assert chosen == {"full": (1e-4, None), "lora": (1e-3, None)}
+    full_grid = sorted({r.lr for r in study.tuning("full", results)[0]})
+    assert full_grid == [3e-6, 1e-5, 3e-5, 1e-4, 3e-4]  # grown twice upwards, then the best is inside
+    runs = study.plan(results)[0]
+    assert {(r.task, r.seed) for r in runs if r.part == "seeds" and r.label == "lora"} == \
+        {(t, s) for t in study.TASKS for s in (1, 2)}
+
+
+def test_a_diverged_setting_ranks_below_every_finished_one(monkeypatch):
+    monkeypatch.setattr(study, "METHODS", {"lora": study.Method(["--method=lora"], [3e-4, 1e-3, 3e-3])})
+    results = {}
+    for run in study.tuning("lora", results)[0]:
+        diverged = run.lr == 3e-3 and run.task == "sst2"  # one task diverged: the setting is out
+        results[run.id] = fake_result(run, {3e-4: 0.90, 1e-3: 0.95, 3e-3: 0.99}[run.lr],
+                                      status="diverged" if diverged else "ok")
+    _, pick, means = study.tuning("lora", results)
+    assert means[(3e-3, None)] == -math.inf and pick == (1e-3, None)
+
+
+def test_goat_is_tuned_over_lr_and_eta(monkeypatch):
+    monkeypatch.setattr(study, "METHODS", {"goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.1, 1.0, 10.0])})
+    results = {}
+    for _ in range(4):
+        finish(results, [r for r in study.plan(results)[0] if r.part == "tune"])
+    assert study.plan(results)[1]["goat"] == (3e-4, 1.0)
+    assert len(study.tuning("goat", results)[0]) == 9 * len(study.TASKS)
+
+
+def test_t_interval_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    values = [0.012, -0.004, 0.021, 0.007, 0.015]
+    mean, half = study.t_interval(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
+    assert half == pytest.approx(high - mean, rel=1e-3) and half == pytest.approx(mean - low, rel=1e-3)
+    for df in range(1, 31):
+        assert study.T975[df - 1] == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+
+
+def test_report_from_result_files_alone(tmp_path, monkeypatch):
+    """A whole synthetic study: every part reported, paired differences exact, plots written."""
+    monkeypatch.setattr(study, "METHODS", {"full": study.Method(["--method=full"], [3e-5, 1e-4, 3e-4]),
+                                           "lora": study.Method(["--method=lora"], [3e-4, 1e-3, 3e-3]),
+                                           "molora": study.Method(["--method=molora"], [3e-4, 1e-3, 3e-3]),
+                                           "goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.1, 1.0, 10.0])})
+    results = {}
+    for _ in range(8):
+        runs = study.plan(results)[0]
+        for run in runs:
+            if run.id not in results:  # GOAT 2 points above LoRA on dev at every (task, seed)
+                base = score(run.label, run.lr, run.eta, run.task) + 0.001 * run.seed
+                dev = base + (0.02 if run.label == "goat" else 0.0)
+                results[run.id] = fake_result(run, base, dev, curve_shift=0.1 if run.label == "full-moe" else 0.0)
+    (tmp_path / "study" / "runs").mkdir(parents=True)
+    for record in results.values():
+        (tmp_path / "study" / "runs" / f"{record['id']}.json").write_text(study.json.dumps(record))
+    study.main(["--report_only", f"--results_dir={tmp_path / 'study'}"])
+    text = (tmp_path / "study.md").read_text()
+    for title in ("Headline", "Paired differences", "Tuning", "eta x lr", "full MoE", "Ablations", "Total rank 8",
+                  "Compute"):
+        assert title in text, title
+    lora_row = next(line for line in text.splitlines() if line.startswith("| lora |") and "[" in line)
+    assert "+2.0 [+2.0, +2.0]" in lora_row  # the exact 2-point difference, with a zero-width interval
+    assert (tmp_path / "study_lr_sweep.png").exists() and (tmp_path / "study_loss_sst2.png").exists()
 
 
 # torch features the code uses, with the release that introduced them. The minimum in

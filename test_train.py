@@ -360,15 +360,8 @@ def test_sentence_pairs_keep_their_segment_ids(tiny_bert_dir):
 @pytest.fixture(scope="session")
 def tiny_llama_without_pad_dir(tmp_path_factory):
     """A LLaMA whose config has no pad token, as the released LLaMA checkpoints."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from conftest import write_tokenizer
-    folder = tmp_path_factory.mktemp("tiny_llama_nopad")
-    vocab = write_tokenizer(folder)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                                 bos_token_id=None, eos_token_id=3, pad_token_id=None)).save_pretrained(folder)
-    return folder
+    from conftest import save_tiny_llama
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_nopad"), pad_token_id=None, positions=256)
 
 
 def test_a_llama_without_pad_token_trains_on_a_glue_task(tiny_llama_without_pad_dir, glue_dir, tmp_path):
