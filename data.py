@@ -99,6 +99,7 @@ class Task:
     evals: dict               # eval set name -> examples
     metric: str               # key of METRICS (generation: accuracy)
     labels: list = field(default_factory=list)  # class names, for classification
+    unreadable: int = 0       # image files left out when the task was read
 
     @property
     def num_labels(self):
@@ -394,16 +395,26 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def image_examples(folder, classes):
-    """[{image: path, label}] of folder/<class>/<file>, classes in the training set's order."""
-    examples = []
+    """([{image: path, label}] of folder/<class>/<file>, classes in the training set's
+    order; the files whose header is unreadable, left out here and named)."""
+    from PIL import Image
+    examples, unreadable = [], []
     for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
         if sub.name not in classes:
             raise ValueError(f"{sub}: class {sub.name!r} has no folder under train/; the classes are {classes}")
-        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        examples += [{"image": str(p), "label": classes.index(sub.name)} for p in files]
+        for path in sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            try:
+                with Image.open(path):  # reads the header only: cheap, catches empty and non-image files
+                    pass
+                examples.append({"image": str(path), "label": classes.index(sub.name)})
+            except (OSError, ValueError, Image.DecompressionBombError):
+                unreadable.append(str(path))
+    if unreadable:
+        print(f"{folder}: skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}"
+              + (" ..." if len(unreadable) > 5 else ""))
     if not examples:
         raise ValueError(f"{folder}: no images (looked for {sorted(IMAGE_SUFFIXES)} in its class folders)")
-    return examples
+    return examples, len(unreadable)
 
 
 def load_images(data_dir):
@@ -420,32 +431,38 @@ def load_images(data_dir):
     evaluation = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
     if evaluation is None:
         raise FileNotFoundError(f"{root}: no test/ or val/ folder; {layout}")
-    return Task("images", "image", image_examples(root / "train", classes),
-                {"dev": image_examples(evaluation, classes)}, "accuracy", classes)
+    (train, bad_train), (dev, bad_dev) = image_examples(root / "train", classes), image_examples(evaluation, classes)
+    task = Task("images", "image", train, {"dev": dev}, "accuracy", classes)
+    task.unreadable = bad_train + bad_dev
+    return task
 
 
 def read_images(items):
-    """(PIL images, their items, paths that could not be read): a corrupt or truncated
-    file is skipped, never a crash mid-epoch."""
+    """(PIL images, readable or not, paths that could not be decoded). A file whose
+    header was fine but whose data is corrupt (truncated) becomes a black image, so
+    that every batch keeps its size (every process runs the same forwards); the
+    caller masks it out of the loss and the metric. Never a crash mid-epoch."""
     from PIL import Image
-    images, kept, skipped = [], [], []
+    images, ok, skipped = [], [], []
     for item in items:
         try:
             with Image.open(item["image"]) as image:
                 images.append(image.convert("RGB"))  # decodes now: a truncated file fails here
-            kept.append(item)
+            ok.append(True)
         except (OSError, ValueError, Image.DecompressionBombError):
+            images.append(Image.new("RGB", (32, 32)))
+            ok.append(False)
             skipped.append(item["image"])
-    return images, kept, skipped
+    return images, ok, skipped
 
 
 def collate_images(items, processor):
-    """pixel_values (the model's own preprocessing), labels, and the skipped files."""
-    images, kept, skipped = read_images(items)
-    if not images:
-        raise ValueError(f"no image of this batch could be read: {skipped}")
+    """pixel_values (the model's own preprocessing), labels (-100, ignored by the loss,
+    for an unreadable image), and the skipped files."""
+    images, ok, skipped = read_images(items)
     return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"],
-            "labels": torch.tensor([it["label"] for it in kept]), "skipped": skipped}
+            "labels": torch.tensor([it["label"] if good else -100 for it, good in zip(items, ok)]),
+            "skipped": skipped}
 
 
 # ----------------------------------------------------------------------------------

@@ -440,3 +440,21 @@ def test_goat_saves_at_most_a_quarter_more_than_lora_under_autocast(input_dtype)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, sizes[method] = bench.saved_bytes(lambda: layer(x), exclude=list(layer.parameters()))
     assert sizes["goat"] <= 1.25 * sizes["lora"], sizes
+
+
+def test_a_head_named_like_a_target_stays_a_head():
+    model = nn.ModuleDict({"layer": nn.ModuleDict({"dense": nn.Linear(8, 8)}),
+                           "classifier": nn.ModuleDict({"dense": nn.Linear(8, 8)})})
+    assert goat.add_goat(model, CFG, ["dense"]) == ["layer.dense"]
+    with pytest.raises(ValueError, match="matches no module outside"):
+        goat.add_goat(nn.ModuleDict({"classifier": nn.Linear(8, 8)}), CFG, ["classifier"])
+
+
+@pytest.mark.parametrize("seed", [0, 12])  # seeds the old, absolute tolerance refused
+def test_an_adapter_replaces_another_on_a_wrapped_bf16_model(seed):
+    """Re-loading onto a model already wrapped in bf16: its W0 is rebuilt as W_res + c s B0 A0
+    from a rounded W_res, and must still be recognised as the same base."""
+    model = trained_nanogpt(torch.bfloat16, seed=seed)
+    state = goat.goat_state_dict(model)
+    goat.load_goat_state_dict(model, state)  # does not raise
+    assert len(goat.goat_layers(model)) == 8

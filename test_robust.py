@@ -451,3 +451,69 @@ def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path)
     metrics = train.main(sst2(tiny_bert_dir, tmp_path / "eval", glue_dir, "--max_steps=0",
                               f"--adapter={tmp_path / 'fsdp'}"))  # its adapter, in one process
     assert metrics["dev"] == read_result(tmp_path / "fsdp")["metrics"]["dev"]
+
+
+def test_folders_train_py_did_not_write_are_refused(tiny_bert_dir, glue_dir, tmp_path):
+    for flag in ((), ("--resume",), ("--overwrite",)):
+        with pytest.raises(SystemExit, match="the model's own folder"):
+            train.main(sst2(tiny_bert_dir, tiny_bert_dir, glue_dir, "--max_steps=2", *flag))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")  # e.g. a model someone saved there
+    for flag in ((), ("--resume",), ("--overwrite",)):
+        with pytest.raises(SystemExit, match="holds files that train.py did not write"):
+            train.main(sst2(tiny_bert_dir, foreign, glue_dir, "--max_steps=2", *flag))
+    assert (foreign / "config.json").read_text() == "{}"
+    assert (tiny_bert_dir / "model.safetensors").exists() and (tiny_bert_dir / "config.json").exists()
+
+
+def test_zero_epochs_with_steps_trains():
+    args = train.parse_args(["--epochs=0", "--max_steps=5"])
+    assert not args.evaluate_only and args.out_dir == "out"
+    assert train.parse_args(["--epochs=0"]).evaluate_only and train.parse_args(["--max_steps=0"]).evaluate_only
+
+
+def _two_processes(rank, world, port, results):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    env = train.SimpleNamespace(rank=rank, world=world, distributed=True, control=dist.group.WORLD)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    outcome = {}
+    try:
+        train.check_identical(model, env)
+        outcome["same"] = "ok"
+    except SystemExit as e:
+        outcome["same"] = str(e)
+    if rank == 1:
+        with torch.no_grad():
+            model[0].weight[0, 0] += 1.0  # another model file on this node
+    try:
+        train.check_identical(model, env)
+        outcome["frozen"] = "ok"
+    except SystemExit as e:
+        outcome["frozen"] = str(e)
+    args = train.parse_args(["--rank=8"] if rank == 0 else ["--rank=16"])
+    try:
+        train.check_same_flags(args, env)
+        outcome["flags"] = "ok"
+    except SystemExit as e:
+        outcome["flags"] = str(e)
+    results[rank] = outcome
+    dist.destroy_process_group()
+
+
+def test_processes_must_hold_the_same_weights_and_flags():
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_two_processes, args=(2, port, results), nprocs=2)
+    for rank in (0, 1):
+        assert results[rank]["same"] == "ok"
+        assert "different weights (1 tensors, e.g. 0.weight)" in results[rank]["frozen"]
+        assert "different flags (--alpha: 16.0 vs 32.0; --rank: 8 vs 16)" in results[rank]["flags"]

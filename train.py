@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -44,7 +45,8 @@ ADAPTER_FLAGS = ("method", "rank", "alpha", "experts", "top_k", "init", "segment
                  "init_cof", "targets", "lora_dropout")
 RESUME_FLAGS = ADAPTER_FLAGS + ("model", "task", "train_sets", "val_examples", "max_train_examples", "fsdp")
 # The schedule and data order: a resume may change them only with --allow_resume_changes.
-SCHEDULE_FLAGS = ("world_size", "global_batch", "seed", "lr", "epochs", "max_steps", "warmup", "max_len")
+SCHEDULE_FLAGS = ("world_size", "global_batch", "seed", "lr", "epochs", "max_steps", "warmup", "max_len", "dtype",
+                  "balance_coef", "grad_clip")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -207,7 +209,7 @@ def parse_args(argv=None):
         args.lr = 5e-5 if args.method.startswith("full") else 5e-4
     if args.max_len is None:
         args.max_len = 512 if args.task == "instruct" else 128  # the shared instruct sets fit 512 tokens
-    args.evaluate_only = args.max_steps == 0 or args.epochs == 0
+    args.evaluate_only = args.max_steps == 0 or (args.max_steps is None and args.epochs == 0)
     if args.out_dir is None:
         args.out_dir = (str(adapter_folder(args.adapter) / f"eval-{args.task}")
                         if args.adapter and args.evaluate_only else "out")
@@ -239,9 +241,17 @@ def setup_distributed(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         env.control = dist.new_group(backend="gloo") if device.startswith("cuda") else dist.group.WORLD
+    elif device.startswith("cuda"):
+        torch.cuda.set_device(device)  # cuda:1 alone: its random state is the one checkpointed
     env.distributed = env.world > 1
     env.master = env.rank == 0
     env.device, env.device_type = device, "cuda" if device.startswith("cuda") else "cpu"
+    if args.fsdp and args.dtype == "float16":
+        raise SystemExit("--fsdp with --dtype=float16 is not supported (its loss scaling is per process); use bfloat16")
+    if args.fsdp and device.startswith("cuda") and args.dtype in ("auto", "bfloat16") \
+            and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 8):
+        raise SystemExit(f"--fsdp with a bf16 base needs torch >= 2.8 (one FSDP group then holds the frozen bf16 "
+                         f"base and the float32 adapters; pytorch#154103); this is {torch.__version__}")
     if args.fsdp and "RANK" not in os.environ:
         print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
         env.fsdp = False
@@ -262,6 +272,8 @@ def from_rank0(env, make):
             result = ("ok", make())
         except SystemExit as e:
             result = ("exit", str(e.code))
+        except Exception as e:  # the others must not wait for a value that never comes
+            result = ("exit", f"rank 0 failed: {type(e).__name__}: {e}")
     if env.distributed:
         box = [result]
         dist.broadcast_object_list(box, src=0, group=env.control)
@@ -310,7 +322,11 @@ def write_json(path, obj):
 
 
 class Lock:
-    """out_dir/train.lock: refuses a second run into the same folder while one is alive."""
+    """out_dir/train.lock: refuses a second run into the same folder while one is alive.
+    The holder touches it every minute, so a lock left by a dead run is taken over: at
+    once on the same host (its process is gone), after 5 minutes from another host (a
+    requeued job on another node of a shared file system)."""
+    STALE_S = 300
 
     def __init__(self, out_dir):
         self.path = Path(out_dir) / "train.lock"
@@ -320,19 +336,30 @@ class Lock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 os.write(fd, json.dumps(me).encode())
                 os.close(fd)
-                return
+                break
             except FileExistsError:
                 try:
-                    holder = json.loads(self.path.read_text())
+                    holder, age = json.loads(self.path.read_text()), time.time() - self.path.stat().st_mtime
                 except (OSError, ValueError):
-                    holder = {}
-                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    holder, age = {}, 0.0
+                dead = not _alive(holder.get("pid")) if holder.get("host") == me["host"] else age > self.STALE_S
+                if dead:
                     self.path.unlink(missing_ok=True)  # left by a run that died: take it over
                     continue
                 raise SystemExit(f"{out_dir} is in use by another run ({holder or 'unknown'}, lock {self.path}); "
                                  f"wait for it, choose another --out_dir, or delete the lock if no run is alive")
+        self.stopped = threading.Event()
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+
+    def _heartbeat(self):
+        while not self.stopped.wait(60):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
 
     def release(self):
+        self.stopped.set()
         self.path.unlink(missing_ok=True)
 
 
@@ -353,21 +380,33 @@ def claim_out_dir(args):
     if args.adapter and out.resolve() == adapter_folder(args.adapter).resolve():
         raise SystemExit(f"--out_dir={out} is where --adapter={args.adapter} lives: this run would overwrite "
                          f"the adapter it reads; choose another --out_dir")
+    if args.model and Path(args.model).is_dir() and out.resolve() == Path(args.model).resolve():
+        raise SystemExit(f"--out_dir={out} is the model's own folder; choose another --out_dir")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out_dir={out} is a file, not a folder; choose another --out_dir")
+    ours = any((out / name).exists() for name in ("metrics.jsonl", "ckpt.pt", "result.json", "adapter.json"))
+    if not ours and out.is_dir() and any(p.name != "train.lock" for p in out.iterdir()):
+        raise SystemExit(f"--out_dir={out} holds files that train.py did not write (a model? data?); a run "
+                         f"needs a new or empty folder, or one of its own")
     finished = (out / "result.json").exists()
-    started = (out / "config.json").exists() or (out / "ckpt.pt").exists()
+    started = ours and not finished
     if finished and not args.overwrite:
         raise SystemExit(f"{out} holds a finished run (result.json); choose another --out_dir, or pass "
                          f"--overwrite to replace it")
     if started and not finished and not (args.resume or args.overwrite):
         raise SystemExit(f"{out} holds an unfinished run; pass --resume to continue it, --overwrite to start "
                          f"again, or choose another --out_dir")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create --out_dir={out}: {e}") from None
     lock = Lock(out)
     ckpt = None
     if args.resume and (out / "ckpt.pt").exists():
         ckpt = read_checkpoint(out / "ckpt.pt")
     elif args.resume:
-        print(f"--resume: no {out / 'ckpt.pt'} yet, starting from scratch")
+        print(f"--resume: no {out / 'ckpt.pt'} on this machine, so the run starts at step 0 (on a cluster without "
+              f"a shared file system the checkpoint stays on the node where rank 0 ran)", flush=True)
     return lock, ckpt
 
 
@@ -594,13 +633,14 @@ def wrap_for_training(model, args, env):
     """DDP or FSDP2 around the wrapped model; torch.compile if asked."""
     if args.grad_checkpointing:
         enable_grad_checkpointing(model)
+    if env.distributed:
+        check_identical(model, env)
     if env.fsdp:
         shard(model)
     if args.compile:
         model = torch.compile(model)
     if env.distributed and not env.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        check_identical(model, env)
         # every expert is in the graph each step: no find_unused_parameters; the frozen
         # base and the constant initial factors are identical by construction: no broadcasts
         model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None,
@@ -647,14 +687,21 @@ def load_full_optimizer_state(model, optimizer, state):
 
 
 def check_identical(model, env):
-    """Every process built the same trainable weights (same seed, shared factors)."""
-    sums = torch.tensor([p.detach().double().sum().item() for p in model.parameters() if p.requires_grad])
+    """Every process holds the same weights: the trainable ones (same seed, shared
+    factors) in full, and the frozen ones by a sample of every tensor (the same model
+    files on every node). A mismatch would train each process on another model."""
+    def digest(t):
+        flat = t.detach().reshape(-1)
+        return flat.double().sum().item() if t.requires_grad else flat[::max(1, flat.numel() // 4096)].double().sum().item()
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    sums = torch.tensor([digest(t) for _, t in named], dtype=torch.float64)
     low, high = sums.clone(), sums.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=env.control)
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=env.control)
-    if not torch.equal(low, high):
-        raise SystemExit("the processes built different initial weights; check that every node has the "
-                         "same model files and torch version")
+    differ = [name for (name, _), a, b in zip(named, low.tolist(), high.tolist()) if a != b]
+    if differ:
+        raise SystemExit(f"the processes hold different weights ({len(differ)} tensors, e.g. {differ[0]}): every "
+                         "node needs the same model files, data and torch version")
 
 
 # ---------------------------------------------------------------------------------
@@ -758,15 +805,12 @@ def predict(model, examples, task, tokenizer, args, env, autocast, batch_size=64
                                      pad_token_id=tokenizer.pad_token_id, synced_gpus=env.fsdp)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             preds += [int(data.answer_correct(t, ex["label"])) for t, ex in zip(texts, chunk)]
-        elif task.kind == "image":
-            images, kept, _ = data.read_images(chunk)
-            logits = []
-            if images:
-                pixels = tokenizer(images, return_tensors="pt")["pixel_values"].to(env.device)
-                with autocast:
-                    logits = model(pixel_values=pixels).logits.float().argmax(-1).tolist()
-            found = dict(zip(map(id, kept), logits))
-            preds += [found.get(id(ex)) for ex in chunk]
+        elif task.kind == "image":  # a forward for every chunk, readable or not (FSDP: all processes gather)
+            images, ok, _ = data.read_images(chunk)
+            pixels = tokenizer(images, return_tensors="pt")["pixel_values"].to(env.device)
+            with autocast:
+                classes = model(pixel_values=pixels).logits.float().argmax(-1).tolist()
+            preds += [c if good else None for c, good in zip(classes, ok)]
         else:
             batch = data.collate(data.encode_classification(chunk, tokenizer, args.max_len),
                                  tokenizer.pad_token_id, task.kind == "regression")
@@ -890,7 +934,11 @@ def save_checkpoint(path, raw_model, optimizer, step, args, env, heads):
         state = {"model": model_state, "optimizer": optim_state, "step": step, "rng": rngs,
                  "config": dict(vars(args), world_size=env.world,
                                 global_batch=args.batch_size * args.grad_accum * env.world)}
-        atomic_write(path, lambda f: torch.save(state, f))
+        try:
+            atomic_write(path, lambda f: torch.save(state, f))
+        except OSError as e:
+            raise SystemExit(f"could not write the checkpoint {path} at step {step}: {e}; the previous "
+                             f"checkpoint is intact") from None
 
 
 def restore_random_state(ckpt, env):
@@ -1023,7 +1071,23 @@ def report(metrics, task, args, env, extra):
     return result
 
 
+def check_same_flags(args, env):
+    """Every process resolved the same flags (an --adapter's adopted ones included)."""
+    if not env.distributed:
+        return
+    mine = json.dumps(vars(args), sort_keys=True, default=str)
+    everyone = [None] * env.world
+    dist.all_gather_object(everyone, mine, group=env.control)
+    if len(set(everyone)) > 1:
+        ours, other = json.loads(everyone[0]), json.loads(next(x for x in everyone if x != everyone[0]))
+        differ = [f"--{k}: {ours.get(k)!r} vs {other.get(k)!r}" for k in sorted(set(ours) | set(other))
+                  if ours.get(k) != other.get(k)]
+        raise SystemExit("the processes run with different flags (" + "; ".join(differ) + "): is --adapter's "
+                         "adapter.json on every node?")
+
+
 def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
+    check_same_flags(args, env)
     changes = check_resume(ckpt, args, env.world) if ckpt is not None else []
     if changes:
         print0(env, "--allow_resume_changes: resuming despite " + "; ".join(changes))
@@ -1075,15 +1139,18 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
                 print(f"skipped an unreadable image: {path}", flush=True)
             skipped += unread
             done = step + 1
-            health.update(done, task_loss, grad_norm)
+            health.update(done, task_loss, grad_norm if not scaler.is_enabled() else task_loss)  # fp16 skips inf steps
             stopping = any_rank(env, stop.received is not None)
-            if done % args.log_every == 0 or done == max_steps or done == start_step + 1:
+            logging = done % args.log_every == 0 or done == max_steps or done == start_step + 1
+            saving = done % args.ckpt_every == 0 or done == max_steps or stopping
+            if logging or saving:
                 values = torch.stack([task_loss, balance.to(task_loss.device), grad_norm.float()])
                 if env.distributed:  # the loss of the whole global batch, not rank 0's share
                     dist.all_reduce(values)
                     values /= env.world
-                values = values.tolist()  # the one host sync, on logging steps only
-                health.check(done, values[0], args)
+                values = values.tolist()  # the one host sync, on logging and checkpoint steps only
+                health.check(done, values[0], args)  # never save a NaN or diverged state over a good one
+            if logging:
                 if env.master:
                     now = time.time()
                     log_step(metrics_path, done, max_steps, values, lr, tokens, now - t_log,
@@ -1095,8 +1162,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
                 if env.master:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": done, "eval": evals}) + "\n")
-            if done % args.ckpt_every == 0 or done == max_steps or stopping:
-                health.check(done, None, args)  # never save a NaN adapter over a good one
+            if saving:
                 save_checkpoint(ckpt_path, raw_model, optimizer, done, args, env, heads)
             if stopping and done < max_steps:
                 name = signal.Signals(stop.received).name if stop.received else "a signal on another process"
@@ -1108,9 +1174,12 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
 
     # --- the result
     metrics = evaluate(raw_model, task, tokenizer, args, env, autocast)
+    skipped = torch.tensor([len(skipped) + task.unreadable])
+    if env.distributed:  # every process's skipped images
+        dist.all_reduce(skipped, group=env.control)
     result = report(metrics, task, args, env, {
         "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in raw_model.parameters()),
-        "heads": heads, "train_examples": len(train_items), "steps": max_steps, "skipped_images": len(skipped),
+        "heads": heads, "train_examples": len(train_items), "steps": max_steps, "skipped_images": int(skipped),
         "seconds": round(time.time() - t0, 1), "adapter": args.adapter})
     if not args.evaluate_only:
         save_adapter_or_fail(out_dir, raw_model, args, heads, env)
