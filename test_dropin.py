@@ -122,7 +122,7 @@ def test_nanogpt_with_tied_head_trains_and_keeps_its_embedding():
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
     assert torch.equal(model.wte.weight, embedding)  # frozen and untouched
     with pytest.raises(ValueError, match="tied to another module"):
-        goat.add_goat(NanoGPT(), CFG, ["lm_head"])
+        goat.add_goat(NanoGPT(), CFG, ["lm_head"], exclude=())  # named explicitly, no default exclusions
 
 
 def test_transformer_encoder_trains_and_multihead_attention_is_left_alone():

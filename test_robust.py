@@ -227,9 +227,11 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(tiny_bert_dir,
     assert not (run / "ckpt.pt").exists() and not (run / "adapter.safetensors").exists()
     real = train.train_step
 
-    def nan_at_step_4(*a, **k):  # step index 3 is the fourth optimizer step
-        loss, balance, norm, tokens = real(*a, **k)
-        return (loss * float("nan") if a[3] == 3 else loss), balance, norm, tokens
+    def nan_at_step_4(*a, **k):  # the fourth optimizer step (calls counts from 0)
+        nan_at_step_4.calls += 1
+        loss, *rest = real(*a, **k)
+        return (loss * float("nan") if nan_at_step_4.calls == 3 else loss), *rest
+    nan_at_step_4.calls = -1
     monkeypatch.setattr(train, "train_step", nan_at_step_4)
     run = tmp_path / "run"
     with pytest.raises(SystemExit, match="NaN or infinite at step 4"):
