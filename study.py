@@ -5,6 +5,7 @@ tuned by the same rule on held-out training data, several seeds, intervals.
     python study.py                     # run what is missing (resumable), then report
     python study.py --report_only       # every table and plot from results/study/ alone
     python study.py --next              # the runs the plan would start now
+    python study.py --report_only --readme README.md   # and the README's copy of the report
 
 Parts, in the order they run (later parts need the learning rates chosen earlier):
 1. tune: seed 0 of every method over its learning-rate grid (GOAT: lr x eta) on
@@ -506,8 +507,19 @@ class Study:
         lines.append(f"| all | {len(total)} | {sum(total) / 60:.0f} |")
         return "\n".join(lines)
 
+    def status(self):
+        due = [r for r in self.runs if r.id not in self.results]
+        parts = {}
+        for run in due:
+            parts[run.part] = parts.get(run.part, 0) + 1
+        later = " (later parts join the plan as the settings they need are chosen)" if \
+            len(self.chosen) < len(METHODS) else ""
+        return (f"{len(self.results)} runs finished; the plan asks for {len(due)} more now"
+                + (f" ({', '.join(f'{k} {v}' for k, v in parts.items())})" if parts else "") + later + ".")
+
     def report(self):
-        sections = [("Headline: every method at its chosen setting", self.headline()),
+        sections = [("Status", self.status()),
+                    ("Headline: every method at its chosen setting", self.headline()),
                     ("Paired differences", self.paired("goat", ["molora", "lora", "full", "pissa", "milora",
                                                                 "goat (alpha)"])),
                     ("Tuning (validation split, seed 0)", self.tuning_tables()),
@@ -557,6 +569,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--next", action="store_true", help="list the runs due now and stop")
+    p.add_argument("--readme", default=None, help="also put the report into this file, between its study-report markers")
     args = p.parse_args(argv)
     if args.next:
         results = load_results(args.results_dir)
@@ -570,7 +583,23 @@ def main(argv=None):
     out = Path(args.results_dir).parent
     (out / "study.md").write_text(text)
     study.plots(out)
+    if args.readme:
+        put_in_readme(Path(args.readme), text)
     print(text)
+
+
+README_START, README_END = "<!-- study report: python study.py --report_only -->", "<!-- end of study report -->"
+
+
+def put_in_readme(path, text):
+    """Replace what stands between the README's study-report markers by `text`."""
+    readme = path.read_text()
+    if README_START not in readme or README_END not in readme:
+        raise SystemExit(f"{path} has no study-report markers ({README_START} ... {README_END})")
+    head, rest = readme.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    body = text.replace("### ", "#### ")  # the README's study section is a level above
+    path.write_text(f"{head}{README_START}\n{body}\n{README_END}{tail}")
 
 
 if __name__ == "__main__":
