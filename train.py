@@ -166,15 +166,12 @@ def check_flags(args, fail):
         value = getattr(args, name)
         if value is not None and value < low:
             fail(f"--{name}={value} must be at least {low}")
-    finite = {"lr": (0, 1), "epochs": (0, None), "warmup": (0, None), "grad_clip": (0, None),
-              "balance_coef": (0, None), "lora_dropout": (0, 1)}
-    for name, (low, high) in finite.items():
-        value = getattr(args, name)
-        inclusive = name not in ("lr", "lora_dropout")
-        if not math.isfinite(value) or value < low or (value == low and name == "lr") or \
-                (high is not None and (value > high if inclusive or name == "lr" else value >= high)):
-            fail(f"--{name}={value} must be a finite number in " + (f"({low}, {high}]" if name == "lr" else
-                 f"[{low}, {high})" if high else f"[{low}, inf)")
+    intervals = {"lr": ("(0, 1]", lambda v: 0 < v <= 1), "lora_dropout": ("[0, 1)", lambda v: 0 <= v < 1)}
+    for name in ("epochs", "warmup", "grad_clip", "balance_coef"):
+        intervals[name] = ("[0, inf)", lambda v: 0 <= v < math.inf)
+    for name, (interval, ok) in intervals.items():
+        if not ok(getattr(args, name)):  # NaN fails every comparison, so it is refused too
+            fail(f"--{name}={getattr(args, name)} must be a finite number in {interval}"
                  + ("; AdamW fine-tuning rates lie around 1e-5 to 1e-3" if name == "lr" else ""))
     if args.targets != "all-linear" and not [t for t in args.targets.split(",") if t.strip()]:
         fail(f"--targets={args.targets!r} names no module; give all-linear or suffixes like query,value")
