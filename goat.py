@@ -21,6 +21,15 @@ One file, PyTorch only. Where each piece of the paper lives:
 - The reference it is aligned with, an upcycled fully fine-tuned MoE: `UpcycledMoE`.
 
 The adapter cannot be merged into the base weight: routing depends on the input.
+
+Around the method, what makes it safe to drop into any model: `find_targets`
+leaves alone the Linears it must not wrap (tied weights, output embeddings,
+nn.MultiheadAttention's, already wrapped ones); routing statistics are read once
+by `balance_loss` and hold no graph outside training (deepcopy, LayerDrop,
+checkpointing); adapters stay float32 under `model.to(bf16)`; under autocast
+`_AutocastInput` keeps one low-precision copy of the input for backward; adapters
+carry their initial factors and base-weight fingerprints (`goat_state_dict`), and
+`load_goat_state_dict` checks all of it before changing anything. Runs on torch 2.2+.
 """
 
 import contextlib
