@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -224,15 +225,16 @@ def summarise(run, argv, out_dir, seconds, returncode, log_tail, commit):
 
 
 def execute(run, args, commit):
-    out_dir = Path(args.runs_dir) / run.id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    argv = run.argv(args.data_dir, out_dir)
+    out_dir, log_path = Path(args.runs_dir) / run.id, Path(args.runs_dir) / f"{run.id}.log"
+    shutil.rmtree(out_dir, ignore_errors=True)  # scratch: a run interrupted earlier starts again
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = run.argv(args.data_dir, out_dir) + ([f"--model={args.model}"] if args.model else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
-    with open(out_dir / "log.txt", "w") as log:
+    with open(log_path, "w") as log:
         code = subprocess.call([sys.executable, str(Path(args.code_dir) / "train.py"), *argv],
                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.code_dir)
-    tail = (out_dir / "log.txt").read_text(errors="replace")[-4000:]
+    tail = log_path.read_text(errors="replace")[-4000:]
     record = summarise(run, argv, out_dir, time.time() - t0, code, tail, commit)
     for heavy in ("ckpt.pt", "model.safetensors", "adapter.safetensors"):  # the record is what is kept
         (out_dir / heavy).unlink(missing_ok=True)
@@ -567,6 +569,7 @@ def main(argv=None):
     p.add_argument("--runs_dir", default=str(HERE / "runs" / "study"), help="full run outputs (not committed)")
     p.add_argument("--code_dir", default=str(HERE), help="where train.py is (a fixed checkout while the repo changes)")
     p.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
+    p.add_argument("--model", default=None, help="the model every run fine-tunes (default: train.py's, all-MiniLM-L6-v2)")
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--next", action="store_true", help="list the runs due now and stop")
     p.add_argument("--readme", default=None, help="also put the report into this file, between its study-report markers")

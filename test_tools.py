@@ -150,3 +150,23 @@ def test_requirements_admit_only_torch_versions_the_code_runs_on():
     assert minimum >= max(used.values()), (line, used)
     installed = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
     assert installed >= minimum
+
+
+def test_a_study_run_records_its_result_even_over_an_interrupted_one(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    """The runner itself, end to end on a tiny model: a folder left by an interrupted run
+    is started again, and the record holds the metrics, flags and loss curve."""
+    monkeypatch.setattr(study, "COMMON", study.COMMON + ["--max_steps=4", "--batch_size=16", "--eta=1"])
+    monkeypatch.setattr(study, "TASKS", {"sst2": (64, 16)})
+    args = study.argparse.Namespace(runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"),
+                                    data_dir=str(glue_dir), code_dir=str(study.HERE), model=str(tiny_bert_dir))
+    run = study.Run("tune", "sst2", "goat", 1e-3, 0, 1.0, ("--method=goat", "--rank=8", "--experts=4"))
+    leftover = tmp_path / "runs" / run.id
+    leftover.mkdir(parents=True)
+    (leftover / "config.json").write_text("{}")
+    (leftover / "ckpt.pt").write_bytes(b"torn")
+    (tmp_path / "results" / "runs").mkdir(parents=True)
+    record = study.execute(run, args, "test")
+    assert record["status"] == "ok", record.get("log_tail")
+    assert record["steps"] == 4 and len(record["loss_curve"]) == 2 and 0 <= record["val"] <= 1
+    saved = study.load_results(tmp_path / "results")
+    assert saved[run.id]["dev"] == record["dev"] and not (leftover / "ckpt.pt").exists()
