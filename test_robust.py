@@ -519,3 +519,16 @@ def test_processes_must_hold_the_same_weights_and_flags():
         assert results[rank]["same"] == "ok"
         assert "different weights (1 tensors, e.g. 0.weight)" in results[rank]["frozen"]
         assert "different flags (--alpha: 16.0 vs 32.0; --rank: 8 vs 16)" in results[rank]["flags"]
+
+
+def test_fsdp_with_a_bf16_base_under_autocast(tiny_bert_dir, glue_dir, tmp_path):
+    """The CUDA default (bf16 frozen base, float32 adapters, bf16 autocast) sharded over two
+    CPU processes: one FSDP group holds both dtypes, and the memory-saving autocast path
+    runs inside it."""
+    sharded = torchrun(sst2(tiny_bert_dir, tmp_path / "fsdp", glue_dir, "--max_steps=6", "--batch_size=4",
+                            "--fsdp", "--dtype=bfloat16"))
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert all(np.isfinite(read_losses(tmp_path / "fsdp")))
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "fsdp" / "adapter.safetensors")
+    assert all(v.dtype == torch.float32 for k, v in saved.items() if ".lora_" in k)
