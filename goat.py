@@ -352,10 +352,18 @@ def weight_fingerprint(weight):
     0.4%), while another model's weights differ in every entry."""
     w = weight.detach()
     flat = w.reshape(-1)
-    picks = flat[torch.linspace(0, flat.numel() - 1, FINGERPRINT_PICKS, device=w.device).long()]
+    picks = flat[_pick_indices(flat.numel()).to(w.device)]
     sample = w[::7, ::5].to(torch.bfloat16).float()
     stats = torch.stack([sample.abs().mean(), sample.square().mean().sqrt()])
     return torch.cat([stats, picks.to(torch.bfloat16).float()]).double().cpu()
+
+
+def _pick_indices(numel, legacy=False):
+    """FINGERPRINT_PICKS evenly spaced entries, in integers (exact at any size, on any device).
+    legacy: the float32 spacing goat.py used until 2026-12, wrong past 2**24 entries."""
+    if legacy:
+        return torch.linspace(0, numel - 1, FINGERPRINT_PICKS).long()
+    return torch.arange(FINGERPRINT_PICKS) * (numel - 1) // (FINGERPRINT_PICKS - 1)
 
 
 def fingerprints_match(saved, weight):
@@ -365,7 +373,13 @@ def fingerprints_match(saved, weight):
         return torch.allclose(saved, now.cpu(), rtol=2e-2, atol=1e-6)
     # relative to each entry, and to the weight's RMS for entries near zero (a W0 rebuilt
     # as W_res + c s B0 A0 in bf16 is off by a rounding step of W_res, not of the entry)
-    return torch.allclose(saved, weight_fingerprint(weight), rtol=1e-2, atol=1e-2 * float(saved[1]))
+    close = lambda now: torch.allclose(saved, now, rtol=1e-2, atol=1e-2 * float(saved[1]))
+    if close(weight_fingerprint(weight)):
+        return True
+    if weight.numel() > 2 ** 24:  # the legacy spacing could not have written these
+        return False
+    legacy = weight.detach().reshape(-1)[_pick_indices(weight.numel(), legacy=True).to(weight.device)]
+    return close(torch.cat([weight_fingerprint(weight)[:2], legacy.to(torch.bfloat16).double().cpu()]))
 
 
 class GOATLinear(_Routed):
@@ -607,7 +621,22 @@ def _swap(model, names, make):
     for name in names:
         for pname, p in model.get_submodule(name).named_parameters():
             p.requires_grad_(not pname.startswith("base."))
+    _no_fused_encoder_path(model)
     return names
+
+
+def _no_fused_encoder_path(model):
+    """nn.TransformerEncoderLayer (batch_first, in eval) has a fused inference path that
+    reads linear1/linear2.weight and would skip the adapter (a GOATLinear has no .weight,
+    so it fails instead). Layers and encoders holding wrapped modules are marked so that
+    they take their ordinary path, which calls the modules."""
+    for mod in model.modules():
+        if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) \
+                and any(isinstance(m, _Routed) for m in mod.modules()):
+            if isinstance(mod, nn.TransformerEncoderLayer):
+                mod.activation_relu_or_gelu = 0  # read only by the fused path's checks
+            else:
+                mod.use_nested_tensor = False
 
 
 def _refuse_if_wrapped(model):

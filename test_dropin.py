@@ -352,6 +352,49 @@ def test_old_fingerprints_still_load():
     torch.testing.assert_close(outputs(fresh), outputs(model), rtol=1e-5, atol=1e-5)
 
 
+def test_fingerprint_of_a_weight_beyond_float32_integers():
+    """A LLaMA MLP weight has more than 2**24 entries: float32 spacing of the picks ran past the end."""
+    w = torch.randn(4100, 4096)  # 16,793,600 entries: float32 rounds the last index, 16,793,599, up
+    fp = goat.weight_fingerprint(w)
+    assert fp[-1] == w[-1, -1].to(torch.bfloat16).double()  # the last pick is the last entry
+    assert fp[2] == w[0, 0].to(torch.bfloat16).double()
+    assert goat.fingerprints_match(fp, w)
+    assert not goat.fingerprints_match(fp, torch.randn(4100, 4096))
+
+
+def test_fingerprints_with_the_old_float_spacing_still_match():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 1_000_003, generator=g)
+    numel = w.numel()
+    old = torch.linspace(0, numel - 1, goat.FINGERPRINT_PICKS).long()
+    assert not torch.equal(old, torch.arange(16) * (numel - 1) // 15)  # the spacings differ here
+    saved = torch.cat([goat.weight_fingerprint(w)[:2], w.reshape(-1)[old].to(torch.bfloat16).double()])
+    assert goat.fingerprints_match(saved, w)
+    assert not goat.fingerprints_match(saved, torch.randn(3, 1_000_003, generator=g))
+
+
+def test_nn_transformer_encoder_in_eval_calls_the_adapter():
+    """batch_first encoder layers have a fused inference path that reads linear1.weight
+    directly: in eval the wrapped model must give what its ordinary path gives."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, num_layers=2)  # nested tensors on, as by default
+    goat.add_goat(encoder, CFG)
+    with torch.no_grad():
+        for name, mod in goat.goat_layers(encoder):
+            mod.lora_B.normal_()  # an adapter that changes the output
+    x = torch.randn(3, 5, 32)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    with torch.no_grad():
+        expected = encoder.train()(x, src_key_padding_mask=padding)  # training: the ordinary path
+        got = encoder.eval()(x, src_key_padding_mask=padding)
+        got_unmasked = encoder(x)
+        expected_unmasked = encoder.train()(x)
+    keep = ~padding
+    torch.testing.assert_close(got[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_unmasked, expected_unmasked, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(eta=0.0), "eta=0.0 must be a positive finite number"),
     (dict(eta=float("nan")), "eta=nan"),
