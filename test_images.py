@@ -2,6 +2,10 @@
 CLIP vision tower built from configs, small real images drawn by the test with
 Pillow, a corrupt image skipped, and an adapter that re-loads to the same metric."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +138,15 @@ def test_corrupt_images_are_skipped_with_their_names(tiny_vit_dir, image_dir, tm
     assert all(np.isfinite(read_losses(tmp_path / "run")))
     assert 0.0 <= metrics["dev"]["accuracy"] <= 1.0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["task"] == "images"
+
+
+def test_full_fine_tuning_of_clip_under_ddp(tiny_clip_dir, image_dir, tmp_path):
+    """CLIP's post_layernorm feeds nothing the classifier reads: full fine-tuning leaves it
+    without a gradient, which DDP must expect (it failed at the second step before)."""
+    argv = images(tiny_clip_dir, tmp_path / "run", image_dir, "--method=full", "--max_steps=3", "--batch_size=8",
+                  "--lr=1e-3")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *argv], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_result(tmp_path / "run")["steps"] == 3

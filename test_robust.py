@@ -4,6 +4,7 @@ the flags, non-finite losses stop the run before they are saved, preemption by
 signal, no host sync per micro-step, activation checkpointing, one dropout stream
 per process, DDP resume, and FSDP2 on CPU processes (gloo) against one process."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -95,14 +96,60 @@ def test_a_failed_run_destroys_nothing(tiny_bert_dir, glue_dir, tmp_path):
 def test_two_runs_cannot_share_a_folder(tiny_bert_dir, glue_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "train.lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
-    with pytest.raises(SystemExit, match="in use by another run"):
-        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "train.lock").write_text(json.dumps({"pid": alive.pid, "host": os.uname().nodename}))
+        with pytest.raises(SystemExit, match="in use by another run"):
+            train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))
+    finally:
+        alive.kill()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (run / "train.lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
     train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))  # a dead run's lock is taken over
     assert not (run / "train.lock").exists() and (run / "result.json").exists()
+
+
+def test_a_lock_of_our_own_pid_is_stale_and_release_spares_another_runs_lock(tmp_path):
+    """A requeued container often gets the same pid and hostname as the run that died in it."""
+    import socket
+    path = tmp_path / "train.lock"
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    lock = train.Lock(tmp_path)  # taken over, not refused
+    assert json.loads(path.read_text())["token"] == lock.me["token"]
+    path.write_text(json.dumps({"pid": 1, "host": "node7", "token": "theirs"}))  # another run took it over
+    lock.release()
+    assert json.loads(path.read_text())["token"] == "theirs"
+    path.unlink()
+    lock = train.Lock(tmp_path)
+    lock.release()
+    assert not path.exists()
+
+
+def test_loader_workers_outlive_a_signal_to_the_process_group(tmp_path):
+    """torchrun and SLURM signal every process of the group: the DataLoader's workers must
+    not die of it, or the main process raises before it can write its checkpoint."""
+    script = tmp_path / "group.py"
+    script.write_text(f"""
+import os, signal, sys
+sys.path.insert(0, {str(HERE)!r})
+import train
+items = [{{"input_ids": [1, 2, 3], "label": i % 2}} for i in range(64)]
+args = train.parse_args(["--batch_size=4"])
+env = train.SimpleNamespace(world=1, rank=0, device="cpu", fsdp=False)
+batches = train.Batches(items, args, env, train.partial(train.data.collate, pad_id=0))
+stop = train.StopSignals()
+stream = train.micro_batch_stream(batches, 0, 16, workers=1)
+next(stream)
+os.killpg(os.getpgid(0), signal.SIGTERM)
+for _ in range(10):
+    next(stream)
+print("received", stop.received)
+""")
+    proc = subprocess.run([sys.executable, str(script)], cwd=HERE, capture_output=True, text=True, timeout=120,
+                          start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"received {int(signal.SIGTERM)}" in proc.stdout
 
 
 def test_a_failed_save_leaves_no_temp_file_and_still_prints_the_metric(tiny_bert_dir, glue_dir, tmp_path,
@@ -244,10 +291,27 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(tiny_bert_dir,
 def test_a_diverging_loss_stops_the_run():
     args = train.parse_args([])
     health = train.Health("cpu")
-    health.check(1, 0.69, args)
-    health.check(10, 2.0, args)  # worse, not diverged
+    health.check(1, [0.69, 1.0, 0.5, 0.0], args)
+    health.check(10, [2.0, 1.0, 0.5, 0.0], args)  # worse, not diverged
     with pytest.raises(SystemExit, match="diverged at step 20: the loss rose from 0.69 to 4916"):
-        health.check(20, 4916.0, args)
+        health.check(20, [4916.0, 1.0, 0.5, 0.0], args)
+
+
+def test_a_bad_step_on_another_process_stops_this_one_too():
+    """Under fp16 each process watches its own loss: the flag, summed with the logged
+    values over processes, must stop every process at the same step (none left waiting)."""
+    args = train.parse_args([])
+    health = train.Health("cpu")
+    health.update(3, torch.tensor(0.7), torch.tensor(1.0))  # fine here
+    assert float(health.flag()) == 0.0
+    with pytest.raises(SystemExit, match="NaN or infinite by step 5 on another process"):
+        health.check(5, [0.7, 1.0, 0.5, 0.5], args)  # another process's flag, averaged over 2
+    with pytest.raises(SystemExit, match="NaN or infinite by step 5"):
+        train.Health("cpu").check(5, [float("nan"), 1.0, 0.5, 0.0], args)
+    health.update(4, torch.tensor(float("inf")), torch.tensor(1.0))
+    assert float(health.flag()) == 1.0
+    with pytest.raises(SystemExit, match="NaN or infinite at step 4"):
+        health.check(5, [0.7, 1.0, 0.5, 0.5], args)
 
 
 def test_sigterm_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one(tiny_bert_dir, glue_dir, tmp_path):
@@ -338,6 +402,28 @@ def test_a_training_step_has_no_host_sync():
     with HostSyncs() as syncs, pytest.raises(Exception):  # the counter does see a sync
         loss.item()
     assert syncs.calls == ["item"]
+
+
+def test_a_micro_batch_without_labels_trains_on_without_nan():
+    """A micro-batch whose images were all unreadable has every label at -100."""
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=3))
+    goat.add_goat(model, goat.GOATConfig(rank=8, experts=4, top_k=2), exclude=("classifier",))
+    model.classifier.requires_grad_(True)
+    args = train.parse_args(["--batch_size=4"])
+    env = train.SimpleNamespace(world=1, rank=0, device="cpu", fsdp=False)
+    batch = {"input_ids": torch.randint(0, 60, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+             "labels": torch.full((4,), -100)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, _, norm, _, _ = train.train_step(model.train(), model, [batch], torch.optim.SGD(params, lr=0.1), scaler,
+                                           params, args, env, train.nullcontext(), True)
+    assert float(loss) == 0.0 and math.isfinite(float(norm))
+    assert all(torch.isfinite(p).all() for p in params)
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))  # the balance loss still trained the routers
 
 
 def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_bert_dir):
@@ -479,7 +565,7 @@ def _two_processes(rank, world, port, results):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    env = train.SimpleNamespace(rank=rank, world=world, distributed=True, control=dist.group.WORLD)
+    env = train.SimpleNamespace(rank=rank, world=world, distributed=True, control=dist.group.WORLD, master=rank == 0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
     model[0].requires_grad_(False)
@@ -503,6 +589,31 @@ def _two_processes(rank, world, port, results):
         outcome["flags"] = "ok"
     except SystemExit as e:
         outcome["flags"] = str(e)
+
+    def fails_on_1():  # e.g. a data file missing on one node
+        if rank == 1:
+            raise SystemExit("data: missing on this node")
+        return "loaded"
+    try:
+        outcome["together"] = train.together(env, fails_on_1)
+    except SystemExit as e:
+        outcome["together"] = str(e)
+    # the SVD of layer "1" (too small for the rank) runs on its owner, process 1, alone
+    small = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    env.device = "cpu"
+    try:
+        train.shared_factors(small, goat.GOATConfig(rank=8, experts=4, top_k=2), "all-linear", (), env)
+        outcome["svd"] = "ok"
+    except (SystemExit, ValueError) as e:
+        outcome["svd"] = f"{type(e).__name__}: {e}"
+
+    def write_fails():  # rank 0's checkpoint write on a full disk
+        raise SystemExit("could not write the checkpoint")
+    try:
+        train.from_rank0(env, write_fails)
+        outcome["write"] = "ok"
+    except SystemExit as e:
+        outcome["write"] = str(e)
     results[rank] = outcome
     dist.destroy_process_group()
 
@@ -519,6 +630,11 @@ def test_processes_must_hold_the_same_weights_and_flags():
         assert results[rank]["same"] == "ok"
         assert "different weights (1 tensors, e.g. 0.weight)" in results[rank]["frozen"]
         assert "different flags (--alpha: 16.0 vs 32.0; --rank: 8 vs 16)" in results[rank]["flags"]
+        assert results[rank]["write"] == "could not write the checkpoint"  # both stop, none waits
+    assert results[1]["together"] == "data: missing on this node"
+    assert results[0]["together"] == "process 0 stops: another process failed (see its message)"
+    assert results[1]["svd"].startswith("ValueError: 1: SVD segment length")
+    assert results[0]["svd"] == "SystemExit: process 0 stops: another process failed (see its message)"
 
 
 def test_fsdp_with_a_bf16_base_under_autocast(tiny_bert_dir, glue_dir, tmp_path):

@@ -251,7 +251,7 @@ def setup_distributed(args):
                          f"base and the float32 adapters; pytorch#154103); this is {torch.__version__}")
     if args.fsdp and "RANK" not in os.environ:
         print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
-        env.fsdp = False
+        env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
     return env
 
 
@@ -287,6 +287,19 @@ def any_rank(env, flag):
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control)
     return bool(t.item())
+
+
+def together(env, work):
+    """work() on every process; if it fails on any, every process stops, so none is left
+    waiting in a collective for one that is gone (until the NCCL timeout)."""
+    error, result = None, None
+    try:
+        result = work()
+    except (SystemExit, Exception) as e:  # a missing file on one node, an SVD out of memory on one GPU
+        error = e
+    if any_rank(env, error is not None):
+        raise error or SystemExit(f"process {env.rank} stops: another process failed (see its message)")
+    return result
 
 
 def seed_per_rank(seed, rank):
@@ -327,7 +340,7 @@ class Lock:
 
     def __init__(self, out_dir):
         self.path = Path(out_dir) / "train.lock"
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.me = me = {"pid": os.getpid(), "host": socket.gethostname(), "token": os.urandom(8).hex()}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -339,7 +352,10 @@ class Lock:
                     holder, age = json.loads(self.path.read_text()), time.time() - self.path.stat().st_mtime
                 except (OSError, ValueError):
                     holder, age = {}, 0.0
-                dead = not _alive(holder.get("pid")) if holder.get("host") == me["host"] else age > self.STALE_S
+                if holder.get("host") == me["host"]:  # our own pid: a requeued container left it
+                    dead = holder.get("pid") == me["pid"] or not _alive(holder.get("pid"))
+                else:
+                    dead = age > self.STALE_S
                 if dead:
                     self.path.unlink(missing_ok=True)  # left by a run that died: take it over
                     continue
@@ -352,12 +368,17 @@ class Lock:
         while not self.stopped.wait(60):
             try:
                 os.utime(self.path)
-            except OSError:
-                return
+            except OSError:  # a passing network file system error: try again next minute
+                pass
 
     def release(self):
+        """Delete the lock if it is still ours (not one another run took over)."""
         self.stopped.set()
-        self.path.unlink(missing_ok=True)
+        try:
+            if json.loads(self.path.read_text()).get("token") == self.me["token"]:
+                self.path.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass
 
 
 def _alive(pid):
@@ -400,7 +421,11 @@ def claim_out_dir(args):
     lock = Lock(out)
     ckpt = None
     if args.resume and (out / "ckpt.pt").exists():
-        ckpt = read_checkpoint(out / "ckpt.pt")
+        try:
+            ckpt = read_checkpoint(out / "ckpt.pt")
+        except SystemExit:
+            lock.release()
+            raise
     elif args.resume:
         print(f"--resume: no {out / 'ckpt.pt'} on this machine, so the run starts at step 0 (on a cluster without "
               f"a shared file system the checkpoint stays on the node where rank 0 ran)", flush=True)
@@ -512,7 +537,8 @@ def shared_factors(model, cfg, targets, exclude, env):
     if not env.distributed or cfg.init not in goat.SVD_INITS:
         return None
     names = goat.find_targets(model, targets, exclude)
-    mine = goat.initial_factors(model, cfg, names[env.rank::env.world], svd_device=env.device)
+    # a layer too small for the rank fails on its owner alone: all stop before any broadcast
+    mine = together(env, lambda: goat.initial_factors(model, cfg, names[env.rank::env.world], svd_device=env.device))
     factors = {}
     for i, name in enumerate(names):
         owner = i % env.world
@@ -640,8 +666,11 @@ def wrap_for_training(model, args, env):
         from torch.nn.parallel import DistributedDataParallel as DDP
         # every expert is in the graph each step: no find_unused_parameters; the frozen
         # base and the constant initial factors are identical by construction: no broadcasts
+        # full fine-tuning of CLIP's vision tower: its post_layernorm feeds nothing the
+        # classifier reads, so DDP must expect parameters without a gradient
+        unused = args.method.startswith("full") and args.task == "images"
         model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None,
-                    broadcast_buffers=False, init_sync=False)
+                    broadcast_buffers=False, init_sync=False, find_unused_parameters=unused)
     return model
 
 
@@ -756,7 +785,16 @@ def micro_batch_stream(batches, start_step, max_steps, workers):
     # its own generator: the loader must not draw from the global stream (dropout masks)
     return iter(torch.utils.data.DataLoader(MicroBatches(batches, start_step, max_steps), batch_size=None,
                                             num_workers=workers, generator=torch.Generator(),
-                                            prefetch_factor=4 if workers else None, pin_memory=workers > 0))
+                                            prefetch_factor=4 if workers else None, pin_memory=workers > 0,
+                                            worker_init_fn=leave_process_group if workers else None))
+
+
+def leave_process_group(worker_id):
+    """In a loader worker: torchrun stops a process by signalling its whole process group,
+    and a worker killed by that SIGTERM would make the main process raise mid-step, before
+    its checkpoint. In a group of its own the worker keeps serving; the main process still
+    ends it (directly), and it exits by itself if the main process dies."""
+    os.setpgid(0, 0)
 
 
 @torch.no_grad()
@@ -838,7 +876,12 @@ def train_step(model, raw_model, micro_batches, optimizer, scaler, params, args,
         if env.fsdp:
             model.set_requires_gradient_sync(last)
         with (nullcontext() if sync else model.no_sync()), autocast:
-            task_loss = model(**batch).loss
+            out = model(**batch)
+            task_loss = out.loss
+            if "labels" in cpu_batch and not bool((cpu_batch["labels"] != -100).any()) and hasattr(out, "logits"):
+                # every image of this micro-batch unreadable: the mean over no labels is NaN;
+                # a zero loss on the graph keeps DDP's gradient exchange (checked on the CPU)
+                task_loss = out.logits.sum() * 0.0
             balance = goat.balance_loss(raw_model).to(task_loss.device) if routed else task_loss.new_zeros(())
             loss = (task_loss + args.balance_coef * balance) / args.grad_accum
             scaler.scale(loss).backward()
@@ -865,15 +908,20 @@ class Health:
         bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
 
-    def check(self, step, loss_value, args):
-        """loss_value None: only the non-finite check (the same on every process)."""
-        bad = int(self.first_bad)
-        if bad >= 0:
-            raise SystemExit(f"stopped: the loss or gradient norm became NaN or infinite at step {bad}. "
+    def flag(self):
+        """1.0 once this process saw a bad step: summed over processes with the logged values,
+        so that all stop together (under fp16 each watches its own loss)."""
+        return (self.first_bad >= 0).float()
+
+    def check(self, step, values, args):
+        """values: (task loss, balance, grad norm, bad flag), summed over processes."""
+        loss_value = values[0]
+        if values[3] > 0 or not all(math.isfinite(v) for v in values):
+            bad = int(self.first_bad)
+            when = f"at step {bad}" if bad >= 0 else f"by step {step} on another process"
+            raise SystemExit(f"stopped: the loss or gradient norm became NaN or infinite {when}. "
                              f"Likely cause: a learning rate too high (--lr={args.lr:g}) or an overflow; lower "
                              f"--lr, or check --eta/--scaling/--alpha. Nothing from that step on was saved.")
-        if loss_value is None:
-            return
         if self.first_loss is None:
             self.first_loss = loss_value
         elif loss_value > max(10 * self.first_loss, self.first_loss + 10):
@@ -927,7 +975,8 @@ def save_checkpoint(path, raw_model, optimizer, step, args, env, heads):
         dist.all_gather_object(rngs, rng, group=env.control)
     model_state = gathered_state(raw_model, args, heads, env)
     optim_state = full_optimizer_state(raw_model, optimizer) if env.fsdp else optimizer.state_dict()
-    if env.master:
+
+    def write():  # rank 0; every process learns whether it worked, and stops with it if not
         state = {"model": model_state, "optimizer": optim_state, "step": step, "rng": rngs,
                  "config": dict(vars(args), world_size=env.world,
                                 global_batch=args.batch_size * args.grad_accum * env.world)}
@@ -936,6 +985,7 @@ def save_checkpoint(path, raw_model, optimizer, step, args, env, heads):
         except OSError as e:
             raise SystemExit(f"could not write the checkpoint {path} at step {step}: {e}; the previous "
                              f"checkpoint is intact") from None
+    from_rank0(env, write)
 
 
 def restore_random_state(ckpt, env):
@@ -964,16 +1014,14 @@ def main(argv=None):
     def claim():  # rank 0 checks the folder and holds its lock; the checkpoint goes to every process
         held["lock"], ckpt = claim_out_dir(args)
         return ckpt
-    ckpt = from_rank0(env, claim)
-    lock = held.get("lock")
     try:
-        metrics = run(args, env, out_dir, ckpt, dtype, autocast, scaler)
+        ckpt = from_rank0(env, claim)
+        return run(args, env, out_dir, ckpt, dtype, autocast, scaler)
     finally:
-        if lock is not None:
-            lock.release()
+        if "lock" in held:
+            held["lock"].release()
         if env.distributed:
             dist.destroy_process_group()
-    return metrics
 
 
 def load_data(args):
@@ -1014,13 +1062,17 @@ def build_model(args, env, task, tokenizer, dtype, state):
     full = args.method.startswith("full")
     base_dtype = torch.bfloat16 if (dtype == "bfloat16" and not full) else torch.float32  # frozen base in bf16
     model_path = args.model or default_model()
-    model, heads = load_model(args, task, model_path, base_dtype)
-    if task.kind != "image":
-        check_positions(args, model, tokenizer)
-        if model.config.pad_token_id is None:  # e.g. LLaMA: batches of several sequences need it
-            model.config.pad_token_id = tokenizer.pad_token_id
-    if not env.fsdp:  # under FSDP the whole model may not fit one device: fully_shard moves the shards
-        model.to(env.device)
+
+    def load():  # no collectives in here, so a failure on one process can stop all (together)
+        model, heads = load_model(args, task, model_path, base_dtype)
+        if task.kind != "image":
+            check_positions(args, model, tokenizer)
+            if model.config.pad_token_id is None:  # e.g. LLaMA: batches of several sequences need it
+                model.config.pad_token_id = tokenizer.pad_token_id
+        if not env.fsdp:  # under FSDP the whole model may not fit one device: fully_shard moves the shards
+            model.to(env.device)
+        return model, heads
+    model, heads = together(env, load)
     params = apply_method(model, args, heads, env, state)
     if not env.fsdp:
         model.to(env.device)
@@ -1047,10 +1099,19 @@ def log_step(path, done, max_steps, values, lr, tokens, seconds, left, raw_model
     row = {"step": done, "loss": task_loss + args.balance_coef * balance, "task_loss": task_loss,
            "balance_loss": balance, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tok_s,
            "expert_load": {k: [round(x, 4) for x in v.tolist()] for k, v in goat.expert_load(raw_model).items()}}
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_metrics(path, row)
     print(f"step {done}/{max_steps} | loss {task_loss:.4f} | balance {balance:.3f} | lr {lr:.2e} "
           f"| {tok_s:,.0f} tok/s | {left / 60:.1f} min left", flush=True)
+
+
+def append_metrics(path, row):
+    """One row of metrics.jsonl. A failed write (a full disk) is reported, not raised: rank 0
+    must not stop alone while the others wait for it; the checkpoint write then stops all."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        print(f"warning: could not append to {path}: {e}", flush=True)
 
 
 def report(metrics, task, args, env, extra):
@@ -1089,8 +1150,9 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
     if changes:
         print0(env, "--allow_resume_changes: resuming despite " + "; ".join(changes))
     torch.manual_seed(args.seed)  # same on every process: identical initial adapters and routers
-    task, tokenizer, train_items, collate = load_data(args)
-    state = ckpt["model"] if ckpt is not None else (read_adapter(args.adapter) if args.adapter else None)
+    task, tokenizer, train_items, collate = together(env, lambda: load_data(args))
+    state = ckpt["model"] if ckpt is not None else (together(env, lambda: read_adapter(args.adapter))
+                                                    if args.adapter else None)
     raw_model, heads, routed = build_model(args, env, task, tokenizer, dtype, state)
     if env.distributed:
         seed_per_rank(args.seed, env.rank)
@@ -1113,8 +1175,8 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
         start_step = ckpt["step"]
         restore_random_state(ckpt, env)
         print0(env, f"resumed from {ckpt_path} at step {start_step}")
-    if env.master and not args.evaluate_only:
-        start_records(out_dir, args, env, start_step if ckpt is not None else None, changes)
+    if not args.evaluate_only:  # rank 0 writes; a failure (a read-only folder) stops every process
+        from_rank0(env, lambda: start_records(out_dir, args, env, start_step if ckpt is not None else None, changes))
 
     # --- the loop
     model.train()
@@ -1141,12 +1203,13 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
             logging = done % args.log_every == 0 or done == max_steps or done == start_step + 1
             saving = done % args.ckpt_every == 0 or done == max_steps or stopping
             if logging or saving:
-                values = torch.stack([task_loss, balance.to(task_loss.device), grad_norm.float()])
+                values = torch.stack([task_loss, balance.to(task_loss.device), grad_norm.float(), health.flag()])
                 if env.distributed:  # the loss of the whole global batch, not rank 0's share
                     dist.all_reduce(values)
                     values /= env.world
                 values = values.tolist()  # the one host sync, on logging and checkpoint steps only
-                health.check(done, values[0], args)  # never save a NaN or diverged state over a good one
+                health.check(done, values, args)  # never save a NaN or diverged state over a good one
+                values = values[:3]
             if logging:
                 if env.master:
                     now = time.time()
@@ -1157,8 +1220,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
                 evals = evaluate(raw_model, task, tokenizer, args, env, autocast)
                 print0(env, f"step {done}: eval {json.dumps(evals)}")
                 if env.master:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": done, "eval": evals}) + "\n")
+                    append_metrics(metrics_path, {"step": done, "eval": evals})
             if saving:
                 save_checkpoint(ckpt_path, raw_model, optimizer, done, args, env, heads)
             if stopping and done < max_steps:
