@@ -139,6 +139,21 @@ def neighbour(ladder, value, step):
     return ladder[j] if 0 <= j < len(ladder) else None
 
 
+# Candidate invariants of GOAT's (lr, eta) grid: lr x eta^p
+INVARIANTS = {1.0: "Thm. 3.5, derived for SGD: eta x lr", 0.25: "AdamW: its steps ignore the gradient's scale, so "
+              "s B A moves by about lr x sqrt(s), and s grows as sqrt(eta)", 0.0: "the learning rate alone"}
+
+
+def explained_by(points, power):
+    """R^2 of a quadratic in log10(lr * eta**power) fitted to [(lr, eta, score)]: 1 when
+    that one number decides the score, low when the grid does not collapse onto it."""
+    import numpy as np
+    x = np.log10([lr * eta ** power for lr, eta, _ in points])
+    y = np.array([score for *_, score in points])
+    residual = y - np.polyval(np.polyfit(x, y, 2), x)
+    return float(1 - (residual ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12))
+
+
 def tuning(label, results):
     """(runs of the current grid, chosen (lr, eta) or None while the grid is incomplete,
     the grid's mean validation score per (lr, eta)). Extends the grid while the best
@@ -428,6 +443,12 @@ class Study:
             if len(points) > 1:
                 lines.append(f"- eta x lr = {10 ** key:.1g}: " + ", ".join(
                     f"(lr {lr_:g}, eta {eta_:g}) {v * 100:.1f}" for v, lr_, eta_ in points))
+        points = [(lr_, eta_, v) for (lr_, eta_), v in means.items() if math.isfinite(v)]
+        if len(points) >= 6:
+            fits = {power: explained_by(points, power) for power in INVARIANTS}
+            lines.append("\nWhich single number decides GOAT's score over the whole grid: R^2 of a quadratic in "
+                         "log10(lr x eta^p) fitted to every (lr, eta) point (1: that number alone decides):")
+            lines += [f"- p = {power:g} ({why}): R^2 {fits[power]:.2f}" for power, why in INVARIANTS.items()]
         return "\n".join(lines)
 
     def curve(self, result, window=10):

@@ -170,3 +170,13 @@ def test_a_study_run_records_its_result_even_over_an_interrupted_one(tiny_bert_d
     assert record["steps"] == 4 and len(record["loss_curve"]) == 2 and 0 <= record["val"] <= 1
     saved = study.load_results(tmp_path / "results")
     assert saved[run.id]["dev"] == record["dev"] and not (leftover / "ckpt.pt").exists()
+
+
+def test_explained_by_finds_the_number_that_decides_a_grid():
+    lrs, etas = [1e-4, 3e-4, 1e-3, 3e-3], [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    peak = lambda x: -(math.log10(x) + 3.5) ** 2  # best at lr x eta^p = 10^-3.5
+    for true_power in (1.0, 0.25):
+        points = [(lr, eta, peak(lr * eta ** true_power)) for lr in lrs for eta in etas]
+        fits = {p: study.explained_by(points, p) for p in study.INVARIANTS}
+        assert fits[true_power] == pytest.approx(1.0)
+        assert all(fits[p] < 0.9 for p in fits if p != true_power), fits
