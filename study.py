@@ -46,7 +46,7 @@ TASK_NAMES = {"docstrings": "docstrings acc", "sst2": "SST-2 acc", "cola": "CoLA
 COMMON = ["--epochs=3", "--batch_size=32", "--rank=32", "--alpha=64", "--warmup=0.06", "--balance_coef=1e-3",
           "--lora_dropout=0.05", "--max_len=128", "--grad_clip=1.0", "--log_every=5", "--ckpt_every=1000000"]
 LR_LADDER = [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # log-spaced, about x3 apart
-ETA_LADDER = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+ETA_LADDER = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
 SEEDS = (0, 1, 2)
 
 
