@@ -185,9 +185,24 @@ def tuning(label, results):
             return grid, (lr, eta), means
 
 
+PAPER_ETA = 1.0  # the paper's eta for encoders and ViT
+
+
+def paper_eta_lr(results):
+    """The best lr on GOAT's grid at the paper's eta (None while GOAT is tuning): seeded
+    next to the chosen setting, it decides train.py's default (the paper's eta stays
+    unless the chosen setting is better over the same tasks and seeds)."""
+    if "goat" not in METHODS:
+        return None
+    _, pick, means = tuning("goat", results)
+    at_paper_eta = {lr: v for (lr, eta), v in (means or {}).items() if eta == PAPER_ETA}
+    return max(at_paper_eta, key=at_paper_eta.get) if pick and at_paper_eta else None
+
+
 def plan(results):
     """Every run the study needs given what has finished, in priority order: tuning,
-    then the headline seeds, the full MoE, the ablations and the rank-8 regime."""
+    then the headline seeds (and GOAT at the paper's eta), the full MoE, the ablations
+    and the rank-8 regime."""
     runs, chosen = [], {}
     for label in METHODS:
         grid, pick, _ = tuning(label, results)
@@ -196,6 +211,9 @@ def plan(results):
             chosen[label] = pick
     for label, (lr, eta) in chosen.items():
         runs += [Run("seeds", t, label, lr, s, eta, tuple(METHODS[label].flags)) for s in SEEDS[1:] for t in TASKS]
+    if paper_eta_lr(results) is not None:
+        runs += [Run("seeds", t, "goat", paper_eta_lr(results), s, PAPER_ETA, tuple(METHODS["goat"].flags))
+                 for s in SEEDS[1:] for t in TASKS]
     if "full" in chosen:
         runs += [Run("full-moe", FULL_MOE_TASK, "full-moe", chosen["full"][0], s, None, ("--method=full-moe",))
                  for s in SEEDS[:2]]
@@ -207,7 +225,10 @@ def plan(results):
         if base in chosen:
             lr, eta = chosen[base]
             runs += [Run("rank8", RANK8_TASK, label, lr, s, eta, tuple(flags)) for s in SEEDS]
-    return runs, chosen
+    unique = {}
+    for run in runs:  # GOAT's chosen setting may be the paper's eta: each run once
+        unique.setdefault(run.id, run)
+    return list(unique.values()), chosen
 
 
 # ---------------------------------------------------------------------------------
@@ -498,6 +519,34 @@ class Study:
             lines.append(f"| {shown} | {fmt_mean_std(list(scores.values()))} | {diff} |")
         return "\n".join(lines)
 
+    def default_choice(self):
+        """train.py's default for GOAT: the paper's eta unless the chosen setting beats it
+        over the same tasks and seeds (the 95% interval of the paired difference above 0)."""
+        paper_lr = paper_eta_lr(self.results)
+        if paper_lr is None:
+            return ""
+        lr, eta = self.chosen["goat"]
+        rows, diffs = [], []
+        for task in TASKS:
+            mine, paper = self.dev_scores(task, "goat", lr, eta), self.dev_scores(task, "goat", paper_lr, PAPER_ETA)
+            rows.append(f"| {TASK_NAMES[task]} | {fmt_mean_std(list(mine.values()))} | "
+                        f"{fmt_mean_std(list(paper.values()))} |")
+            diffs += [mine[s] - paper[s] for s in mine if s in paper]
+        lines = [f"| task | chosen: {lr_text(lr, eta)} | paper's eta: {lr_text(paper_lr, PAPER_ETA)} |",
+                 "|---|---|---|", *rows, ""]
+        if (lr, eta) == (paper_lr, PAPER_ETA):
+            lines.append("The chosen setting is the paper's eta: train.py's default.")
+        elif len(diffs) == len(TASKS) * len(SEEDS):
+            mean, half = t_interval(diffs)
+            low = mean - half
+            verdict = (f"the chosen setting is better, so train.py's default is lr {lr:g}, eta {eta:g}" if low > 0 else
+                       f"not shown better, so train.py keeps the paper's eta {PAPER_ETA:g}, with lr {paper_lr:g}")
+            lines.append(f"Chosen minus paper's eta, paired by task and seed: {fmt_interval(diffs)}: {verdict}.")
+        else:
+            lines.append(f"Paired differences so far: {len(diffs)} of {len(TASKS) * len(SEEDS)}; the default "
+                         "is decided when all have run.")
+        return "\n".join(lines)
+
     def ablations(self):
         if "goat" not in self.chosen:
             return ""
@@ -547,6 +596,7 @@ class Study:
                                                                 "goat (alpha)"])),
                     ("Tuning (validation split, seed 0)", self.tuning_tables()),
                     ("GOAT's eta x lr against full fine-tuning's lr", self.eta_lr_agreement()),
+                    ("train.py's default for GOAT: the paper's eta, unless shown worse", self.default_choice()),
                     ("The upcycled full MoE and loss curves", self.full_moe()),
                     ("Ablations of GOAT", self.ablations()),
                     ("Total rank 8 (8 experts of rank 1)", self.rank8()),

@@ -180,3 +180,28 @@ def test_explained_by_finds_the_number_that_decides_a_grid():
         fits = {p: study.explained_by(points, p) for p in study.INVARIANTS}
         assert fits[true_power] == pytest.approx(1.0)
         assert all(fits[p] < 0.9 for p in fits if p != true_power), fits
+
+
+@pytest.mark.parametrize("chosen_gain,verdict", [(0.02, "the chosen setting is better, so train.py's default is "
+                                                       "lr 0.001, eta 0.1"),
+                                                 (0.0, "not shown better, so train.py keeps the paper's eta 1, "
+                                                       "with lr 0.0003")])
+def test_the_paper_eta_is_seeded_next_to_goats_choice_and_decides_the_default(monkeypatch, chosen_gain, verdict):
+    monkeypatch.setattr(study, "METHODS", {"goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.01, 0.1, 1.0])})
+
+    def val(run):  # best at (1e-3, eta 0.1); at eta 1 the best lr is 3e-4
+        if run.eta == 1.0:
+            return 0.7 - 0.05 * abs(math.log10(run.lr / 3e-4))
+        return 0.8 - 0.05 * abs(math.log10(run.lr / 1e-3)) - 0.05 * abs(math.log10(run.eta / 0.1))
+    results = {}
+    for _ in range(4):
+        for run in study.plan(results)[0]:
+            if run.id not in results:  # dev: the paper's eta equal to the chosen one, or chosen_gain below it
+                wobble = [0.01, -0.02, 0.015][run.seed]
+                paper = run.eta == 1.0 and run.lr == 3e-4
+                results[run.id] = fake_result(run, val(run), 0.6 + wobble - (chosen_gain if paper else 0.0))
+    assert study.plan(results)[1]["goat"] == (1e-3, 0.1) and study.paper_eta_lr(results) == 3e-4
+    seeded = {(r.lr, r.eta, r.seed) for r in study.plan(results)[0] if r.part == "seeds"}
+    assert {(3e-4, 1.0, 1), (3e-4, 1.0, 2), (1e-3, 0.1, 1), (1e-3, 0.1, 2)} <= seeded
+    text = study.Study(results).default_choice()
+    assert verdict in text, text
