@@ -95,7 +95,7 @@ def glue_dir(tmp_path_factory):
 
 
 def common(model_dir, out_dir, *extra):
-    # eta=1: tiny random models learn at large learning rates, where the default eta (5e-5 / lr) is tiny
+    # --eta=1 pinned, so that the tests do not move with train.py's defaults
     return [f"--model={model_dir}", f"--out_dir={out_dir}", "--log_every=1", "--ckpt_every=1000", "--eta=1", *extra]
 
 
