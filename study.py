@@ -156,33 +156,38 @@ def explained_by(points, power):
 
 def tuning(label, results):
     """(runs of the current grid, chosen (lr, eta) or None while the grid is incomplete,
-    the grid's mean validation score per (lr, eta)). Extends the grid while the best
-    point lies on its edge."""
+    the grid's mean validation score per (lr, eta)). The grid grows around its best
+    setting until every neighbour of it (one ladder step along each axis, diagonals
+    too) has run, so the chosen setting is never on the grid's edge; every setting
+    that has run for all tasks counts, also one outside the starting grid."""
     method = METHODS[label]
-    lrs, etas = sorted(method.lrs), sorted(method.etas) or [None]
+    flags = tuple(method.flags)
+    points = {(lr, eta) for lr in method.lrs for eta in (method.etas or [None])}
+    finished = {}
+    for record in results.values():
+        if record.get("part") == "tune" and record.get("label") == label:
+            finished.setdefault((record["lr"], record["eta"]), set()).add(record["task"])
+    points |= {point for point, tasks in finished.items() if tasks >= set(TASKS)}
     while True:
-        grid = [Run("tune", task, label, lr, 0, eta, tuple(method.flags))
-                for lr in lrs for eta in etas for task in TASKS]
+        grid = [Run("tune", task, label, lr, 0, eta, flags)
+                for lr, eta in sorted(points, key=lambda p: (p[0], p[1] or 0)) for task in TASKS]
         if any(r.id not in results for r in grid):
             return grid, None, None
         means = {}
-        for lr in lrs:
-            for eta in etas:
-                scores = [val_score(results[Run("tune", t, label, lr, 0, eta).id]) for t in TASKS]
-                means[(lr, eta)] = statistics.mean(scores) if all(map(math.isfinite, scores)) else -math.inf
+        for lr, eta in points:
+            scores = [val_score(results[Run("tune", t, label, lr, 0, eta).id]) for t in TASKS]
+            means[(lr, eta)] = statistics.mean(scores) if all(map(math.isfinite, scores)) else -math.inf
         lr, eta = max(means, key=means.get)
-        grew = False
-        for axis, ladder, value in ((lrs, LR_LADDER, lr), (etas, ETA_LADDER, eta)):
-            if value is None or len(axis) < 2:
-                continue
-            step = -1 if value == axis[0] else (1 if value == axis[-1] else 0)
-            extra = neighbour(ladder, value, step) if step else None
-            if extra is not None and extra not in axis:
-                axis.append(extra)
-                axis.sort()
-                grew = True
-        if not grew:
+        around = {(lr_, eta_) for lr_ in ladder_around(LR_LADDER, lr)
+                  for eta_ in (ladder_around(ETA_LADDER, eta) if eta is not None else [None])}
+        if around <= points:
             return grid, (lr, eta), means
+        points |= around
+
+
+def ladder_around(ladder, value):
+    """value and its neighbours on the ladder (fewer at the ladder's ends)."""
+    return [x for x in (neighbour(ladder, value, -1), value, neighbour(ladder, value, 1)) if x is not None]
 
 
 PAPER_ETA = 1.0  # the paper's eta for encoders and ViT

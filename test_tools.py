@@ -205,3 +205,20 @@ def test_the_paper_eta_is_seeded_next_to_goats_choice_and_decides_the_default(mo
     assert {(3e-4, 1.0, 1), (3e-4, 1.0, 2), (1e-3, 0.1, 1), (1e-3, 0.1, 2)} <= seeded
     text = study.Study(results).default_choice()
     assert verdict in text, text
+
+
+def test_goats_grid_grows_around_its_best_setting_not_by_whole_rows(monkeypatch):
+    monkeypatch.setattr(study, "METHODS", {"goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.1, 1.0, 10.0])})
+
+    def val(run):  # best at (3e-3, eta 0.01), outside the starting grid
+        return 0.8 - 0.05 * abs(math.log10(run.lr / 3e-3)) - 0.05 * abs(math.log10(run.eta / 0.01))
+    results = {}
+    for _ in range(6):
+        for run in study.plan(results)[0]:
+            if run.part == "tune" and run.id not in results:
+                results[run.id] = fake_result(run, val(run))
+    grid, pick, means = study.tuning("goat", results)
+    assert pick == (3e-3, 0.01)
+    around = {(lr, eta) for lr in (1e-3, 3e-3, 1e-2) for eta in (1e-3, 1e-2, 0.1)}
+    assert around <= set(means)  # every neighbour of the choice has run
+    assert len(means) == 9 + 5 + 5 and (1e-4, 1e-3) not in means  # not the whole 5 x 5 product
