@@ -185,6 +185,19 @@ def tuning(label, results):
         points |= around
 
 
+def finished_means(label, results):
+    """Mean validation score of each setting of `label` that has run for every task."""
+    means = {}
+    for record in results.values():
+        if record.get("part") == "tune" and record.get("label") == label:
+            point = (record["lr"], record["eta"])
+            scores = [results.get(Run("tune", t, label, point[0], 0, point[1]).id) for t in TASKS]
+            if all(scores):
+                values = [val_score(r) for r in scores]
+                means[point] = statistics.mean(values) if all(map(math.isfinite, values)) else -math.inf
+    return means
+
+
 def ladder_around(ladder, value):
     """value and its neighbours on the ladder (fewer at the ladder's ends)."""
     return [x for x in (neighbour(ladder, value, -1), value, neighbour(ladder, value, 1)) if x is not None]
@@ -438,6 +451,7 @@ class Study:
         goat_rows = []
         for label in METHODS:
             _, pick, means = tuning(label, self.results)
+            means = means or finished_means(label, self.results)  # while tuning: the settings run so far
             if not means:
                 continue
             for eta in sorted({e for _, e in means}, key=lambda e: -1 if e is None else e):
@@ -449,21 +463,27 @@ class Study:
                     cells.append(f"**{text}**" if (lr, eta) == pick else text)
                 (goat_rows if eta is not None else lines).append(f"| {name} | " + " | ".join(cells) + " |")
         lines += goat_rows
-        lines.append("\nMean validation metric x100 over the tasks (seed 0); bold: the chosen setting.")
+        lines.append("\nMean validation metric x100 over the tasks (seed 0); bold: the chosen setting (none "
+                     "yet for a method still tuning).")
         return "\n".join(lines)
 
     def eta_lr_agreement(self):
         """Does GOAT's best eta x lr equal full fine-tuning's best lr (Thm. 3.5)?"""
-        if "goat" not in self.chosen or "full" not in self.chosen:
+        if "goat" not in METHODS or "full" not in self.chosen:
             return ""
-        _, _, means = tuning("goat", self.results)
+        means = tuning("goat", self.results)[2] or finished_means("goat", self.results)
+        if not means:
+            return ""
         by_product = {}
         for (lr, eta), value in means.items():
             by_product.setdefault(round(math.log10(lr * eta), 1), []).append((value, lr, eta))
-        lr, eta = self.chosen["goat"]
-        lines = [f"GOAT's best setting: lr {lr:g}, eta {eta:g}, so eta x lr = {lr * eta:g}; full fine-tuning's best "
-                 f"lr: {self.chosen['full'][0]:g}. Settings with the same eta x lr (Thm. 3.5 says they train alike "
-                 "under SGD), mean validation x100:"]
+        if "goat" in self.chosen:
+            lr, eta = self.chosen["goat"]
+            best = f"GOAT's best setting: lr {lr:g}, eta {eta:g}, so eta x lr = {lr * eta:g}"
+        else:
+            best = "GOAT is still tuning (the settings run so far below)"
+        lines = [f"{best}; full fine-tuning's best lr: {self.chosen['full'][0]:g}. Settings with the same eta x lr "
+                 "(Thm. 3.5 says they train alike under SGD), mean validation x100:"]
         for key in sorted(by_product):
             points = sorted(by_product[key], key=lambda p: p[1])
             if len(points) > 1:
