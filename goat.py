@@ -376,9 +376,10 @@ def fingerprints_match(saved, weight):
     close = lambda now: torch.allclose(saved, now, rtol=1e-2, atol=1e-2 * float(saved[1]))
     if close(weight_fingerprint(weight)):
         return True
-    if weight.numel() > 2 ** 24:  # the legacy spacing could not have written these
+    old_picks = _pick_indices(weight.numel(), legacy=True)
+    if old_picks.max() >= weight.numel():  # the legacy spacing failed on this size: it wrote nothing
         return False
-    legacy = weight.detach().reshape(-1)[_pick_indices(weight.numel(), legacy=True).to(weight.device)]
+    legacy = weight.detach().reshape(-1)[old_picks.to(weight.device)]
     return close(torch.cat([weight_fingerprint(weight)[:2], legacy.to(torch.bfloat16).double().cpu()]))
 
 

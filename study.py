@@ -10,8 +10,8 @@ tuned by the same rule on held-out training data, several seeds, intervals.
 Parts, in the order they run (later parts need the learning rates chosen earlier):
 1. tune: seed 0 of every method over its learning-rate grid (GOAT: lr x eta) on
    every task, trained on the training data minus a fixed validation split.
-   One setting per method across tasks, the best mean validation score; a best
-   value at the edge of its grid extends the grid by the next value.
+   One setting per method across tasks, the best mean validation score; the grid
+   grows around its best setting until every neighbour of it has run.
 2. seeds: seeds 1 and 2 at each method's chosen setting (seed 0 is its tuning run).
 3. full-moe: the upcycled full MoE (8 full copies of every Linear) on SST-2, at
    full fine-tuning's chosen lr, seeds 0 and 1; every method's loss curve against it.
@@ -45,8 +45,8 @@ TASKS = {"docstrings": (None, 400), "sst2": (4000, 1000), "cola": (None, 1000)}
 TASK_NAMES = {"docstrings": "docstrings acc", "sst2": "SST-2 acc", "cola": "CoLA mcc"}
 COMMON = ["--epochs=3", "--batch_size=32", "--rank=32", "--alpha=64", "--warmup=0.06", "--balance_coef=1e-3",
           "--lora_dropout=0.05", "--max_len=128", "--grad_clip=1.0", "--log_every=5", "--ckpt_every=1000000"]
-LR_LADDER = [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # log-spaced, about x3 apart
-ETA_LADDER = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+LR_LADDER = [1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3]  # about x3 apart
+ETA_LADDER = [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3]  # wide: ends are never reached
 SEEDS = (0, 1, 2)
 
 
@@ -229,8 +229,11 @@ def plan(results):
             chosen[label] = pick
     for label, (lr, eta) in chosen.items():
         runs += [Run("seeds", t, label, lr, s, eta, tuple(METHODS[label].flags)) for s in SEEDS[1:] for t in TASKS]
-    if paper_eta_lr(results) is not None:
-        runs += [Run("seeds", t, "goat", paper_eta_lr(results), s, PAPER_ETA, tuple(METHODS["goat"].flags))
+    paper_lr = paper_eta_lr(results)
+    if paper_lr is not None:  # its neighbours at the paper's eta run too: its best lr is never on an edge
+        runs += [Run("tune", t, "goat", lr, 0, PAPER_ETA, tuple(METHODS["goat"].flags))
+                 for lr in ladder_around(LR_LADDER, paper_lr) for t in TASKS]
+        runs += [Run("seeds", t, "goat", paper_lr, s, PAPER_ETA, tuple(METHODS["goat"].flags))
                  for s in SEEDS[1:] for t in TASKS]
     if "full" in chosen:
         runs += [Run("full-moe", FULL_MOE_TASK, "full-moe", chosen["full"][0], s, None, ("--method=full-moe",))
@@ -260,7 +263,7 @@ def summarise(run, argv, out_dir, seconds, returncode, log_tail, commit):
     record["argv"] = [a for a in argv if not a.startswith(("--out_dir", "--data_dir"))]
     result_path = out_dir / "result.json"
     if returncode != 0 or not result_path.exists():
-        diverged = any(word in log_tail.lower() for word in ("non-finite", "nan", "inf loss"))
+        diverged = any(word in log_tail.lower() for word in ("non-finite", "nan", "inf loss", "diverged"))
         record.update(status="diverged" if diverged else "failed", log_tail=log_tail[-2000:])
         return record
     result = json.loads(result_path.read_text())
@@ -446,18 +449,21 @@ class Study:
         return "\n".join(lines)
 
     def tuning_tables(self):
-        lines = ["| method | " + " | ".join(f"lr {x:g}" for x in LR_LADDER[2:9]) + " |",
-                 "|---|" + "---|" * 7]
-        goat_rows = []
+        tables = {}
         for label in METHODS:
             _, pick, means = tuning(label, self.results)
-            means = means or finished_means(label, self.results)  # while tuning: the settings run so far
+            tables[label] = pick, means or finished_means(label, self.results)  # while tuning: what has run
+        columns = sorted({lr for _, means in tables.values() for lr, _ in means})
+        lines = ["| method | " + " | ".join(f"lr {x:g}" for x in columns) + " |",
+                 "|---|" + "---|" * len(columns)]
+        goat_rows = []
+        for label, (pick, means) in tables.items():
             if not means:
                 continue
             for eta in sorted({e for _, e in means}, key=lambda e: -1 if e is None else e):
                 name = label if eta is None else f"{label}, eta {eta:g}"
                 cells = []
-                for lr in LR_LADDER[2:9]:
+                for lr in columns:
                     value = means.get((lr, eta))
                     text = "-" if value is None else ("diverged" if not math.isfinite(value) else f"{value * 100:.1f}")
                     cells.append(f"**{text}**" if (lr, eta) == pick else text)
@@ -564,8 +570,9 @@ class Study:
         elif len(diffs) == len(TASKS) * len(SEEDS):
             mean, half = t_interval(diffs)
             low = mean - half
-            verdict = (f"the chosen setting is better, so train.py's default is lr {lr:g}, eta {eta:g}" if low > 0 else
-                       f"not shown better, so train.py keeps the paper's eta {PAPER_ETA:g}, with lr {paper_lr:g}")
+            verdict = (f"the chosen setting is better, so train.py's default should become lr {lr:g}, eta {eta:g}"
+                       if low > 0 else f"not shown better, so train.py's default should stay the paper's eta "
+                       f"{PAPER_ETA:g}, with lr {paper_lr:g}")
             lines.append(f"Chosen minus paper's eta, paired by task and seed: {fmt_interval(diffs)}: {verdict}.")
         else:
             lines.append(f"Paired differences so far: {len(diffs)} of {len(TASKS) * len(SEEDS)}; the default "

@@ -98,14 +98,16 @@ def test_two_runs_cannot_share_a_folder(tiny_bert_dir, glue_dir, tmp_path):
     run.mkdir()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (run / "train.lock").write_text(json.dumps({"pid": alive.pid, "host": os.uname().nodename}))
+        (run / "train.lock").write_text(json.dumps({"pid": alive.pid, "host": os.uname().nodename,
+                                                    "machine": train.machine_identity()}))
         with pytest.raises(SystemExit, match="in use by another run"):
             train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))
     finally:
         alive.kill()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (run / "train.lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    (run / "train.lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename,
+                                                "machine": train.machine_identity()}))
     train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))  # a dead run's lock is taken over
     assert not (run / "train.lock").exists() and (run / "result.json").exists()
 
@@ -114,7 +116,7 @@ def test_a_lock_of_our_own_pid_is_stale_and_release_spares_another_runs_lock(tmp
     """A requeued container often gets the same pid and hostname as the run that died in it."""
     import socket
     path = tmp_path / "train.lock"
-    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "machine": train.machine_identity()}))
     lock = train.Lock(tmp_path)  # taken over, not refused
     assert json.loads(path.read_text())["token"] == lock.me["token"]
     path.write_text(json.dumps({"pid": 1, "host": "node7", "token": "theirs"}))  # another run took it over
@@ -124,11 +126,15 @@ def test_a_lock_of_our_own_pid_is_stale_and_release_spares_another_runs_lock(tmp
     lock = train.Lock(tmp_path)
     lock.release()
     assert not path.exists()
+    # another container with the same host name and, in its own pid namespace, our pid: alive, refused
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "machine": "other-boot:1"}))
+    with pytest.raises(SystemExit, match="in use by another run"):
+        train.Lock(tmp_path)
 
 
 def test_loader_workers_outlive_a_signal_to_the_process_group(tmp_path):
-    """torchrun and SLURM signal every process of the group: the DataLoader's workers must
-    not die of it, or the main process raises before it can write its checkpoint."""
+    """torchrun signals the whole process group of each process it stops: the DataLoader's
+    workers must not die of it, or the main process raises before it can write its checkpoint."""
     script = tmp_path / "group.py"
     script.write_text(f"""
 import os, signal, sys
@@ -295,6 +301,15 @@ def test_a_diverging_loss_stops_the_run():
     health.check(10, [2.0, 1.0, 0.5, 0.0], args)  # worse, not diverged
     with pytest.raises(SystemExit, match="diverged at step 20: the loss rose from 0.69 to 4916"):
         health.check(20, [4916.0, 1.0, 0.5, 0.0], args)
+
+
+def test_an_fp16_overflow_step_is_not_a_fault():
+    """GradScaler skips a step whose gradients overflow: its gradient norm is inf by design."""
+    args = train.parse_args([])
+    health = train.Health("cpu")
+    health.check(1, [0.69, 1.0, float("inf"), 0.0], args, fp16=True)  # no stop
+    with pytest.raises(SystemExit, match="NaN or infinite"):
+        health.check(1, [0.69, 1.0, float("inf"), 0.0], args)  # bf16/fp32: a real fault
 
 
 def test_a_bad_step_on_another_process_stops_this_one_too():

@@ -341,7 +341,8 @@ class Lock:
 
     def __init__(self, out_dir):
         self.path = Path(out_dir) / "train.lock"
-        self.me = me = {"pid": os.getpid(), "host": socket.gethostname(), "token": os.urandom(8).hex()}
+        self.me = me = {"pid": os.getpid(), "host": socket.gethostname(), "machine": machine_identity(),
+                        "token": os.urandom(8).hex()}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -353,15 +354,18 @@ class Lock:
                     holder, age = json.loads(self.path.read_text()), time.time() - self.path.stat().st_mtime
                 except (OSError, ValueError):
                     holder, age = {}, 0.0
-                if holder.get("host") == me["host"]:  # our own pid: a requeued container left it
+                if (holder.get("host"), holder.get("machine")) == (me["host"], me["machine"]):
+                    # pids compare on this boot and pid namespace; our own pid: a requeued container left it
                     dead = holder.get("pid") == me["pid"] or not _alive(holder.get("pid"))
-                else:
+                else:  # another host, or a container sharing the host name: its heartbeat decides
                     dead = age > self.STALE_S
                 if dead:
                     self.path.unlink(missing_ok=True)  # left by a run that died: take it over
                     continue
                 raise SystemExit(f"{out_dir} is in use by another run ({holder or 'unknown'}, lock {self.path}); "
                                  f"wait for it, choose another --out_dir, or delete the lock if no run is alive")
+        else:
+            raise SystemExit(f"could not take the lock {self.path} (another run keeps taking it); try again")
         self.stopped = threading.Event()
         threading.Thread(target=self._heartbeat, daemon=True).start()
 
@@ -380,6 +384,19 @@ class Lock:
                 self.path.unlink(missing_ok=True)
         except (OSError, ValueError):
             pass
+
+
+def machine_identity():
+    """This boot and pid namespace: pids of two containers that share a host name only
+    compare when this matches."""
+    parts = []
+    for path, read in (("/proc/sys/kernel/random/boot_id", lambda f: Path(f).read_text().strip()),
+                       ("/proc/self/ns/pid", lambda f: str(os.stat(f).st_ino))):
+        try:
+            parts.append(read(path))
+        except OSError:
+            parts.append("")
+    return ":".join(parts)
 
 
 def _alive(pid):
@@ -914,10 +931,12 @@ class Health:
         so that all stop together (under fp16 each watches its own loss)."""
         return (self.first_bad >= 0).float()
 
-    def check(self, step, values, args):
-        """values: (task loss, balance, grad norm, bad flag), summed over processes."""
+    def check(self, step, values, args, fp16=False):
+        """values: (task loss, balance, grad norm, bad flag), summed over processes. Under
+        fp16 an infinite gradient norm is the loss scaler's overflow (a skipped step), not a fault."""
         loss_value = values[0]
-        if values[3] > 0 or not all(math.isfinite(v) for v in values):
+        watched = values[:2] if fp16 else values[:3]
+        if values[3] > 0 or not all(math.isfinite(v) for v in watched):
             bad = int(self.first_bad)
             when = f"at step {bad}" if bad >= 0 else f"by step {step} on another process"
             raise SystemExit(f"stopped: the loss or gradient norm became NaN or infinite {when}. "
@@ -974,10 +993,14 @@ def save_checkpoint(path, raw_model, optimizer, step, args, env, heads):
     if env.distributed:
         rngs = [None] * env.world
         dist.all_gather_object(rngs, rng, group=env.control)
-    model_state = gathered_state(raw_model, args, heads, env)
-    optim_state = full_optimizer_state(raw_model, optimizer) if env.fsdp else optimizer.state_dict()
+    sharded = {}
+    if env.fsdp:  # every process takes part in gathering the shards
+        sharded = {"model": gathered_state(raw_model, args, heads, env),
+                   "optimizer": full_optimizer_state(raw_model, optimizer)}
 
     def write():  # rank 0; every process learns whether it worked, and stops with it if not
+        model_state = sharded["model"] if env.fsdp else gathered_state(raw_model, args, heads, env)
+        optim_state = sharded["optimizer"] if env.fsdp else optimizer.state_dict()
         state = {"model": model_state, "optimizer": optim_state, "step": step, "rng": rngs,
                  "config": dict(vars(args), world_size=env.world,
                                 global_batch=args.batch_size * args.grad_accum * env.world)}
@@ -1209,7 +1232,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
                     dist.all_reduce(values)
                     values /= env.world
                 values = values.tolist()  # the one host sync, on logging and checkpoint steps only
-                health.check(done, values, args)  # never save a NaN or diverged state over a good one
+                health.check(done, values, args, scaler.is_enabled())  # never save a NaN or diverged state over a good one
                 values = values[:3]
             if logging:
                 if env.master:
