@@ -487,6 +487,21 @@ def torchrun(argv, nproc=2):
                        "train.py", *argv])
 
 
+def test_torchrun_processes_exit_with_the_status_python_would_give(capsys):
+    """Under torchrun train.py leaves by os._exit (no interpreter shutdown for gloo's threads
+    to abort): the status and message must be the ones Python itself would give."""
+    assert train.exit_status(SystemExit(None)) == 0 and train.exit_status(SystemExit(0)) == 0
+    assert train.exit_status(SystemExit(143)) == 143  # a preempted run: 128 + SIGTERM
+    assert train.exit_status(SystemExit("--world_size: checkpoint 2, now 1")) == 1
+    assert "--world_size: checkpoint 2, now 1" in capsys.readouterr().err
+    try:
+        raise ValueError("a bug")
+    except ValueError as e:
+        assert train.exit_status(e) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: a bug" in err
+
+
 def test_ddp_dropout_streams_differ_per_process_and_a_preempted_run_resumes(tiny_bert_dir, glue_dir, tmp_path):
     """Two processes with dropout: each draws its own masks (their random states differ),
     a SIGTERM to the launcher stops both after the same step with one checkpoint, and
