@@ -227,14 +227,17 @@ def plan(results):
         runs += grid
         if pick:
             chosen[label] = pick
-    for label, (lr, eta) in chosen.items():
-        runs += [Run("seeds", t, label, lr, s, eta, tuple(METHODS[label].flags)) for s in SEEDS[1:] for t in TASKS]
+    seeds = [Run("seeds", t, label, lr, s, eta, tuple(METHODS[label].flags))
+             for label, (lr, eta) in chosen.items() for s in SEEDS[1:] for t in TASKS]
     paper_lr = paper_eta_lr(results)
     if paper_lr is not None:  # its neighbours at the paper's eta run too: its best lr is never on an edge
         runs += [Run("tune", t, "goat", lr, 0, PAPER_ETA, tuple(METHODS["goat"].flags))
                  for lr in ladder_around(LR_LADDER, paper_lr) for t in TASKS]
-        runs += [Run("seeds", t, "goat", paper_lr, s, PAPER_ETA, tuple(METHODS["goat"].flags))
-                 for s in SEEDS[1:] for t in TASKS]
+        seeds += [Run("seeds", t, "goat", paper_lr, s, PAPER_ETA, tuple(METHODS["goat"].flags))
+                  for s in SEEDS[1:] for t in TASKS]
+    # GOAT and the methods of the paired differences first: a study cut short still compares them
+    first = ["goat", "molora", "lora", "full"]
+    runs += sorted(seeds, key=lambda r: first.index(r.label) if r.label in first else len(first))
     if "full" in chosen:
         runs += [Run("full-moe", FULL_MOE_TASK, "full-moe", chosen["full"][0], s, None, ("--method=full-moe",))
                  for s in SEEDS[:2]]

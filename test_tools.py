@@ -69,6 +69,8 @@ def test_a_grid_grows_at_its_edge_and_stops_inside(monkeypatch):
     runs = study.plan(results)[0]
     assert {(r.task, r.seed) for r in runs if r.part == "seeds" and r.label == "lora"} == \
         {(t, s) for t in study.TASKS for s in (1, 2)}
+    seeded = [r.label for r in runs if r.part == "seeds"]  # the paired differences' methods first
+    assert seeded == sorted(seeded, key=["lora", "full"].index) and seeded[0] == "lora"
 
 
 def test_a_diverged_setting_ranks_below_every_finished_one(monkeypatch):
