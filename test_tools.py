@@ -225,3 +225,24 @@ def test_goats_grid_grows_around_its_best_setting_not_by_whole_rows(monkeypatch)
     assert around <= set(means)  # every neighbour of the choice has run
     # 9 to start, 5 + 5 around the best twice, (3e-3, eta 1) beside the paper's eta's best lr; not 5 x 5 or more
     assert len(means) == 9 + 5 + 5 + 1 and (1e-4, 1e-3) not in means
+
+
+def test_the_head_alone_runs_at_goats_lr_and_is_paired_with_goat(monkeypatch):
+    monkeypatch.setattr(study, "METHODS", {"goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.1, 1.0, 10.0])})
+    results = {}
+    for _ in range(4):
+        finish(results, [r for r in study.plan(results)[0] if r.part == "tune"])
+    lr, eta = study.plan(results)[1]["goat"]
+    control = [r for r in study.plan(results)[0] if r.part == "control"]
+    assert {(r.task, r.seed, r.lr, r.eta) for r in control} == {(t, s, lr, None) for t in study.TASKS for s in study.SEEDS}
+    import train
+    args = train.parse_args(list(control[0].flags))
+    assert args.method == "lora" and float(args.scaling) == 1e-9
+    for run in study.plan(results)[0]:  # GOAT 0.05 above the head alone on every task and seed
+        if run.id not in results and run.part in ("seeds", "control"):
+            results[run.id] = fake_result(run, 0.5, 0.55 if run.label == "goat" else 0.50 + 0.01 * run.seed)
+    for s in study.SEEDS:  # seed 0 of GOAT is its tuning run
+        for t in study.TASKS:
+            results[study.Run("tune", t, "goat", lr, 0, eta).id]["dev"] = 0.55
+    text = study.Study(results).head_only()
+    assert "| GOAT minus head only" in text and "(n=9)" in text and "Pooled over (task, seed) pairs: +4.0" in text, text
