@@ -239,12 +239,13 @@ def plan(results):
                  for lr in ladder_around(LR_LADDER, paper_lr) for t in TASKS]
         seeds += [Run("seeds", t, "goat", paper_lr, s, PAPER_ETA, tuple(METHODS["goat"].flags))
                   for s in SEEDS[1:] for t in TASKS]
-    # GOAT and the methods of the paired differences first: a study cut short still compares them
-    first = ["goat", "molora", "lora", "full"]
-    runs += sorted(seeds, key=lambda r: first.index(r.label) if r.label in first else len(first))
     if "goat" in chosen:
-        runs += [Run("control", t, HEAD_ONLY[0], chosen["goat"][0], s, None, tuple(HEAD_ONLY[1]))
-                 for s in SEEDS for t in TASKS]
+        seeds += [Run("control", t, HEAD_ONLY[0], chosen["goat"][0], s, None, tuple(HEAD_ONLY[1]))
+                  for s in SEEDS for t in TASKS]
+    # GOAT, the methods of the paired differences and the head-only control first: a study
+    # cut short still compares them
+    first = ["goat", "molora", "lora", "full", HEAD_ONLY[0]]
+    runs += sorted(seeds, key=lambda r: first.index(r.label) if r.label in first else len(first))
     if "full" in chosen:
         runs += [Run("full-moe", FULL_MOE_TASK, "full-moe", chosen["full"][0], s, None, ("--method=full-moe",))
                  for s in SEEDS[:2]]

@@ -192,6 +192,8 @@ def test_the_paper_eta_is_seeded_next_to_goats_choice_and_decides_the_default(mo
     monkeypatch.setattr(study, "METHODS", {"goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.01, 0.1, 1.0])})
 
     def val(run):  # best at (1e-3, eta 0.1); at eta 1 the best lr is 3e-4
+        if run.eta is None:  # the head-only control
+            return 0.5
         if run.eta == 1.0:
             return 0.7 - 0.05 * abs(math.log10(run.lr / 3e-4))
         return 0.8 - 0.05 * abs(math.log10(run.lr / 1e-3)) - 0.05 * abs(math.log10(run.eta / 0.1))
