@@ -291,8 +291,8 @@ def answer_correct(text, gold):
     pred = extract_answer(text, gold)
     if pred is None:
         return False
-    try:
-        return abs(float(pred) - float(gold)) < 1e-3
+    try:  # a gold "1,000" is the number 1000, as the prediction's separators are dropped too
+        return abs(float(pred) - float(gold.replace(",", ""))) < 1e-3
     except ValueError:
         return pred == gold
 

@@ -151,11 +151,14 @@ os.killpg(os.getpgid(0), signal.SIGTERM)
 for _ in range(10):
     next(stream)
 print("received", stop.received)
+stream.close()  # as run() does: the workers ignore SIGTERM, so their owner ends them
+import multiprocessing
+print("workers left", len(multiprocessing.active_children()))
 """)
     proc = subprocess.run([sys.executable, str(script)], cwd=HERE, capture_output=True, text=True, timeout=120,
                           start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"received {int(signal.SIGTERM)}" in proc.stdout
+    assert f"received {int(signal.SIGTERM)}" in proc.stdout and "workers left 0" in proc.stdout
 
 
 def test_a_failed_save_leaves_no_temp_file_and_still_prints_the_metric(tiny_bert_dir, glue_dir, tmp_path,
@@ -211,9 +214,28 @@ def test_damaged_checkpoint_and_adapter_files_are_named(tiny_bert_dir, glue_dir,
     (run / "ckpt.pt").write_bytes((run / "ckpt.pt").read_bytes()[:500])
     with pytest.raises(SystemExit, match="ckpt.pt cannot be read"):
         train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2", "--resume"))
+    for foreign in ({"step": 3}, [1, 2]):  # a readable file, but not a checkpoint of train.py
+        torch.save(foreign, run / "ckpt.pt")
+        with pytest.raises(SystemExit, match="ckpt.pt is not a train.py checkpoint .no model, optimizer"):
+            train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2", "--resume"))
     (run / "adapter.safetensors").write_bytes((run / "adapter.safetensors").read_bytes()[:300])
     with pytest.raises(SystemExit, match="adapter.safetensors cannot be read"):
         train.main(sst2(tiny_bert_dir, tmp_path / "eval", glue_dir, "--max_steps=0", f"--adapter={run}"))
+
+
+def test_a_float16_run_resumes_with_its_loss_scale(tiny_bert_dir, glue_dir, tmp_path):
+    """GradScaler's scale is part of the checkpoint: a resumed float16 run goes on with
+    the scale it had, not a fresh 65536 (whose overflows would skip steps the whole run
+    never skipped)."""
+    run = tmp_path / "run"
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--ckpt_every=1", "--dtype=float16"))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["dtype"] == "float16" and ckpt["scaler"]["scale"] > 0
+    ckpt["scaler"]["scale"], ckpt["step"] = 1024.0, 2  # as if it had backed off, and the run stopped at step 2
+    torch.save(ckpt, run / "ckpt.pt")
+    (run / "result.json").unlink()
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--ckpt_every=1", "--dtype=float16", "--resume"))
+    assert torch.load(run / "ckpt.pt", weights_only=True)["scaler"]["scale"] in (1024.0, 512.0)
 
 
 def test_adapter_flags_come_from_the_adapter_and_conflicts_are_refused(tiny_bert_dir, glue_dir, tmp_path):
@@ -487,6 +509,24 @@ def torchrun(argv, nproc=2):
                        "train.py", *argv])
 
 
+def _loader_worker_view(queue):
+    train.leave_process_group(0)
+    queue.put((os.getpgid(0) == os.getpid(), [signal.getsignal(s) == signal.SIG_IGN for s in train.STOP_SIGNALS]))
+
+
+def test_loader_workers_are_out_of_reach_of_the_stop_signals():
+    """SLURM signals every process of the step and torchrun the whole process group: a
+    loader worker killed by that SIGTERM would crash the step before its checkpoint."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")  # as the DataLoader starts its workers on Linux
+    queue = ctx.Queue()
+    worker = ctx.Process(target=_loader_worker_view, args=(queue,))
+    worker.start()
+    own_group, ignored = queue.get(timeout=60)
+    worker.join(timeout=60)
+    assert own_group and all(ignored), (own_group, ignored)
+
+
 def test_torchrun_processes_exit_with_the_status_python_would_give(capsys):
     """Under torchrun train.py leaves by os._exit (no interpreter shutdown for gloo's threads
     to abort): the status and message must be the ones Python itself would give."""
@@ -644,6 +684,15 @@ def _two_processes(rank, world, port, results):
         outcome["write"] = "ok"
     except SystemExit as e:
         outcome["write"] = str(e)
+    import data
+    task = data.Task("t", "classification", [], {"dev": [{"text": "x", "label": 0}]}, "accuracy", ["a", "b"])
+    train.check_same_data(env, task, [{"input_ids": [1, 2], "label": 0}] * 3)  # the same: passes
+    items = [{"input_ids": [1, 2], "label": 0}] * (3 if rank == 0 else 4)  # node 1 holds another copy
+    try:
+        train.check_same_data(env, task, items)
+        outcome["data"] = "ok"
+    except SystemExit as e:
+        outcome["data"] = str(e)
     results[rank] = outcome
     dist.destroy_process_group()
 
@@ -661,6 +710,8 @@ def test_processes_must_hold_the_same_weights_and_flags():
         assert "different weights (1 tensors, e.g. 0.weight)" in results[rank]["frozen"]
         assert "different flags (--alpha: 16.0 vs 32.0; --rank: 8 vs 16)" in results[rank]["flags"]
         assert results[rank]["write"] == "could not write the checkpoint"  # both stop, none waits
+        assert "the processes read different data (process 0: 3 training examples" in results[rank]["data"]
+        assert "process 1: 4 training examples" in results[rank]["data"]
     assert results[1]["together"] == "data: missing on this node"
     assert results[0]["together"] == "process 0 stops: another process failed (see its message)"
     assert results[1]["svd"].startswith("ValueError: 1: SVD segment length")

@@ -110,6 +110,8 @@ def test_answer_correct_compares_numbers_as_numbers():
     assert data.answer_correct("The answer is 576.", "576.0")
     assert not data.answer_correct("The answer is 575.", "576.0")
     assert data.answer_correct("the correct answer is answer2", "answer2")
+    assert data.answer_correct("so the total is 1,000 dollars", "1,000")  # separators in the gold too
+    assert data.answer_correct("The answer is 1000", "1,000") and not data.answer_correct("The answer is 100", "1,000")
 
 
 def test_generation_encoding_masks_the_prompt(tiny_llama_dir):

@@ -18,6 +18,7 @@ the current step, writes ckpt.pt and exits; --resume continues.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -48,6 +49,7 @@ RESUME_FLAGS = ADAPTER_FLAGS + ("model", "task", "train_sets", "val_examples", "
 SCHEDULE_FLAGS = ("world_size", "global_batch", "seed", "lr", "epochs", "max_steps", "warmup", "max_len", "dtype",
                   "balance_coef", "grad_clip")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "rng", "config")
 
 
 def default_model():
@@ -233,9 +235,10 @@ def setup_distributed(args):
     env = SimpleNamespace(rank=0, local_rank=0, world=1, control=None, fsdp=args.fsdp)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" in os.environ:
-        env.rank, env.local_rank, env.world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        if device.startswith("cuda"):
-            device = f"cuda:{env.local_rank}"
+        env.rank, env.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        env.local_rank = int(os.environ.get("LOCAL_RANK", 0))  # a launcher with one process per machine may not set it
+        if device.startswith("cuda"):  # modulo: a scheduler that shows each process only its own GPU (srun --gpus-per-task=1)
+            device = f"cuda:{env.local_rank % torch.cuda.device_count()}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         env.control = dist.new_group(backend="gloo") if device.startswith("cuda") else dist.group.WORLD
@@ -269,7 +272,7 @@ def from_rank0(env, make):
         try:
             result = ("ok", make())
         except SystemExit as e:
-            result = ("exit", str(e.code))
+            result = ("exit", e.code)  # a message, or a status
         except Exception as e:  # the others must not wait for a value that never comes
             result = ("exit", f"rank 0 failed: {type(e).__name__}: {e}")
     if env.distributed:
@@ -466,21 +469,26 @@ def start_records(out_dir, args, env, resumed_at, changes=()):
     if args.overwrite:
         for name in RUN_FILES:
             (out_dir / name).unlink(missing_ok=True)
-    metrics = out_dir / "metrics.jsonl"
+    metrics = out_dir / "metrics.jsonl"  # first: it marks the folder as a run's (config.json alone could be a model's)
+    metrics.write_text("" if resumed_at is None else read_metrics(metrics, resumed_at))
     if resumed_at is None or changes:
         record = dict(vars(args), world_size=env.world)
         if changes:
             record["resumed_at_step_with_changes"] = {"step": resumed_at, "changes": list(changes)}
         write_json(out_dir / "config.json", record)
-    metrics.write_text("" if resumed_at is None else read_metrics(metrics, resumed_at))
 
 
 def read_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, or pickled objects we refuse to run
         raise SystemExit(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is damaged or not a "
                          f"train.py checkpoint: restore it, or start again with --overwrite") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"{path} is not a train.py checkpoint (no {', '.join(missing)}): restore it, or start "
+                         f"again with --overwrite")
+    return ckpt
 
 
 def check_resume(ckpt, args, world):
@@ -687,7 +695,7 @@ def wrap_for_training(model, args, env):
         # full fine-tuning of CLIP's vision tower: its post_layernorm feeds nothing the
         # classifier reads, so DDP must expect parameters without a gradient
         unused = args.method.startswith("full") and args.task == "images"
-        model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None,
+        model = DDP(model, device_ids=[torch.device(env.device).index] if env.device_type == "cuda" else None,
                     broadcast_buffers=False, init_sync=False, find_unused_parameters=unused)
     return model
 
@@ -800,19 +808,28 @@ class MicroBatches(torch.utils.data.Dataset):
 
 
 def micro_batch_stream(batches, start_step, max_steps, workers):
+    """The micro-batches from a DataLoader; close() ends its workers (they ignore the stop
+    signals, so they are ended this way, not by a SIGTERM at exit)."""
     # its own generator: the loader must not draw from the global stream (dropout masks)
-    return iter(torch.utils.data.DataLoader(MicroBatches(batches, start_step, max_steps), batch_size=None,
-                                            num_workers=workers, generator=torch.Generator(),
-                                            prefetch_factor=4 if workers else None, pin_memory=workers > 0,
-                                            worker_init_fn=leave_process_group if workers else None))
+    loader = iter(torch.utils.data.DataLoader(MicroBatches(batches, start_step, max_steps), batch_size=None,
+                                              num_workers=workers, generator=torch.Generator(),
+                                              prefetch_factor=4 if workers else None, pin_memory=workers > 0,
+                                              worker_init_fn=leave_process_group if workers else None))
+    try:
+        yield from loader
+    finally:
+        del loader  # the last reference: the iterator shuts its workers down now
 
 
 def leave_process_group(worker_id):
     """In a loader worker: torchrun stops a process by signalling its whole process group,
-    and a worker killed by that SIGTERM would make the main process raise mid-step, before
-    its checkpoint. In a group of its own the worker keeps serving; the main process still
-    ends it (directly), and it exits by itself if the main process dies."""
+    and SLURM signals every process of the job step; a worker killed by that SIGTERM would
+    make the main process raise mid-step, before its checkpoint. In a group of its own and
+    deaf to the stop signals, the worker keeps serving; the main process still ends it
+    (directly), and it exits by itself if the main process dies."""
     os.setpgid(0, 0)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @torch.no_grad()
@@ -984,7 +1001,7 @@ def read_metrics(path, up_to):
     return "".join(r + "\n" for r in rows)
 
 
-def save_checkpoint(path, raw_model, optimizer, step, args, env, heads):
+def save_checkpoint(path, raw_model, optimizer, scaler, step, args, env, heads):
     """Every process takes part (its random state; FSDP's shards); rank 0 writes."""
     rng = {"cpu": torch.get_rng_state()}
     if env.device_type == "cuda":
@@ -1002,6 +1019,7 @@ def save_checkpoint(path, raw_model, optimizer, step, args, env, heads):
         model_state = sharded["model"] if env.fsdp else gathered_state(raw_model, args, heads, env)
         optim_state = sharded["optimizer"] if env.fsdp else optimizer.state_dict()
         state = {"model": model_state, "optimizer": optim_state, "step": step, "rng": rngs,
+                 "scaler": scaler.state_dict(),  # float16's loss scale ({} otherwise), so a resume skips no other steps
                  "config": dict(vars(args), world_size=env.world,
                                 global_batch=args.batch_size * args.grad_accum * env.world)}
         try:
@@ -1028,7 +1046,8 @@ def restore_random_state(ckpt, env):
 def main(argv=None):
     args = parse_args(argv)
     env = setup_distributed(args)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if env.device_type == "cuda" else "float32")
+    dtype = args.dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if env.device_type == "cuda" else "float32")
+    # resolved, so that config.json says what ran and a GPU run resumed on a CPU is a change check_resume sees
     autocast = (nullcontext() if dtype == "float32"
                 else torch.autocast(device_type=env.device_type, dtype=getattr(torch, dtype)))
     scaler = torch.amp.GradScaler(env.device_type, enabled=dtype == "float16")  # only fp16 needs it
@@ -1168,6 +1187,35 @@ def check_same_flags(args, env):
                          "adapter.json on every node?")
 
 
+def data_fingerprint(task, items):
+    """The training items (as encoded) and every evaluation set, independent of where the
+    files lie: an image counts by its file name, not its path."""
+    digest = hashlib.sha256(json.dumps(task.labels, default=str).encode())
+    portable = lambda item: {k: Path(v).name if k == "image" else v for k, v in item.items()} \
+        if isinstance(item, dict) else item
+    for part in (items, *task.evals.values()):
+        digest.update(f"|{len(part)}|".encode())
+        for item in part:
+            digest.update(json.dumps(portable(item), sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:12]
+
+
+def check_same_data(env, task, items):
+    """Every process read the same data and tokenized it alike (nodes without a shared
+    file system each hold their own copy): with other counts their schedules differ and
+    they wait on each other in a collective until the timeout."""
+    if not env.distributed:
+        return
+    mine = (len(items), {name: len(examples) for name, examples in task.evals.items()}, data_fingerprint(task, items))
+    everyone = [None] * env.world
+    dist.all_gather_object(everyone, mine, group=env.control)
+    if any(x != everyone[0] for x in everyone):
+        seen = "; ".join(f"process {r}: {n:,} training examples, eval {evals}, data {digest}"
+                         for r, (n, evals, digest) in enumerate(everyone))
+        raise SystemExit(f"the processes read different data ({seen}): put the same files (and the same "
+                         f"tokenizer and transformers version) on every node")
+
+
 def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
     check_same_flags(args, env)
     changes = check_resume(ckpt, args, env.world) if ckpt is not None else []
@@ -1175,6 +1223,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
         print0(env, "--allow_resume_changes: resuming despite " + "; ".join(changes))
     torch.manual_seed(args.seed)  # same on every process: identical initial adapters and routers
     task, tokenizer, train_items, collate = together(env, lambda: load_data(args))
+    check_same_data(env, task, train_items)
     state = ckpt["model"] if ckpt is not None else (together(env, lambda: read_adapter(args.adapter))
                                                     if args.adapter else None)
     raw_model, heads, routed = build_model(args, env, task, tokenizer, dtype, state)
@@ -1197,6 +1246,8 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
         else:
             optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         restore_random_state(ckpt, env)
         print0(env, f"resumed from {ckpt_path} at step {start_step}")
     if not args.evaluate_only:  # rank 0 writes; a failure (a read-only folder) stops every process
@@ -1240,13 +1291,13 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
                     log_step(metrics_path, done, max_steps, values, lr, tokens, now - t_log,
                              (now - t0) / (done - start_step) * (max_steps - done), raw_model, args)
                     tokens, t_log = 0, now
-            if args.eval_every and done % args.eval_every == 0 and done < max_steps:
+            if args.eval_every and done % args.eval_every == 0 and done < max_steps and not stopping:  # the checkpoint first
                 evals = evaluate(raw_model, task, tokenizer, args, env, autocast)
                 print0(env, f"step {done}: eval {json.dumps(evals)}")
                 if env.master:
                     append_metrics(metrics_path, {"step": done, "eval": evals})
             if saving:
-                save_checkpoint(ckpt_path, raw_model, optimizer, done, args, env, heads)
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, done, args, env, heads)
             if stopping and done < max_steps:
                 name = signal.Signals(stop.received).name if stop.received else "a signal on another process"
                 print0(env, f"stopped by {name} after step {done}/{max_steps}: checkpoint written to {ckpt_path}; "
@@ -1254,6 +1305,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
                 raise SystemExit(128 + (stop.received or signal.SIGTERM))
     finally:
         stop.restore()
+        stream.close()
 
     # --- the result
     metrics = evaluate(raw_model, task, tokenizer, args, env, autocast)
@@ -1280,6 +1332,8 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
                 plots.plot_run(out_dir)
             except ImportError:  # matplotlib is optional
                 pass
+            except Exception as e:  # a picture must not fail a finished run
+                print(f"warning: could not plot {out_dir}: {type(e).__name__}: {e}", file=sys.stderr)
     return metrics
 
 
@@ -1319,8 +1373,11 @@ def main_under_torchrun(argv):
         status = 0
     except BaseException as e:
         status = exit_status(e)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away: nothing more to say
+            pass
     os._exit(status)
 
 
