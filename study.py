@@ -242,9 +242,9 @@ def plan(results):
     if "goat" in chosen:
         seeds += [Run("control", t, HEAD_ONLY[0], chosen["goat"][0], s, None, tuple(HEAD_ONLY[1]))
                   for s in SEEDS for t in TASKS]
-    # GOAT, the methods of the paired differences and the head-only control first: a study
-    # cut short still compares them
-    first = ["goat", "molora", "lora", "full", HEAD_ONLY[0]]
+    # GOAT, the head-only control (it qualifies GOAT's setting) and the methods of the paired
+    # differences first: a study cut short still compares them
+    first = ["goat", HEAD_ONLY[0], "molora", "lora", "full"]
     runs += sorted(seeds, key=lambda r: first.index(r.label) if r.label in first else len(first))
     if "full" in chosen:
         runs += [Run("full-moe", FULL_MOE_TASK, "full-moe", chosen["full"][0], s, None, ("--method=full-moe",))
