@@ -561,6 +561,25 @@ class Study:
             lines.append(f"| {shown} | {fmt_mean_std(list(scores.values()))} | {diff} |")
         return "\n".join(lines)
 
+    def default_diffs(self):
+        """Dev scores of GOAT's chosen setting minus the paper's eta, paired by task and seed."""
+        lr, eta = self.chosen["goat"]
+        paper_lr, diffs = paper_eta_lr(self.results), []
+        for task in TASKS:
+            mine, paper = self.dev_scores(task, "goat", lr, eta), self.dev_scores(task, "goat", paper_lr, PAPER_ETA)
+            diffs += [mine[s] - paper[s] for s in mine if s in paper]
+        return diffs
+
+    def goat_default(self):
+        """(lr, eta) train.py's GOAT default should be, or None while undecided: the paper's
+        eta unless the chosen setting is better over every task and seed (the paired 95%
+        interval above 0)."""
+        paper_lr = paper_eta_lr(self.results)
+        if paper_lr is None or len(self.default_diffs()) < len(TASKS) * len(SEEDS):
+            return None
+        mean, half = t_interval(self.default_diffs())
+        return self.chosen["goat"] if mean - half > 0 else (paper_lr, PAPER_ETA)
+
     def default_choice(self):
         """train.py's default for GOAT: the paper's eta unless the chosen setting beats it
         over the same tasks and seeds (the 95% interval of the paired difference above 0)."""
@@ -568,22 +587,19 @@ class Study:
         if paper_lr is None:
             return ""
         lr, eta = self.chosen["goat"]
-        rows, diffs = [], []
+        rows, diffs = [], self.default_diffs()
         for task in TASKS:
             mine, paper = self.dev_scores(task, "goat", lr, eta), self.dev_scores(task, "goat", paper_lr, PAPER_ETA)
             rows.append(f"| {TASK_NAMES[task]} | {fmt_mean_std(list(mine.values()))} | "
                         f"{fmt_mean_std(list(paper.values()))} |")
-            diffs += [mine[s] - paper[s] for s in mine if s in paper]
         lines = [f"| task | chosen: {lr_text(lr, eta)} | paper's eta: {lr_text(paper_lr, PAPER_ETA)} |",
                  "|---|---|---|", *rows, ""]
         if (lr, eta) == (paper_lr, PAPER_ETA):
             lines.append("The chosen setting is the paper's eta: train.py's default.")
-        elif len(diffs) == len(TASKS) * len(SEEDS):
-            mean, half = t_interval(diffs)
-            low = mean - half
+        elif self.goat_default() is not None:
             verdict = (f"the chosen setting is better, so train.py's default should become lr {lr:g}, eta {eta:g}"
-                       if low > 0 else f"not shown better, so train.py's default should stay the paper's eta "
-                       f"{PAPER_ETA:g}, with lr {paper_lr:g}")
+                       if self.goat_default() == (lr, eta) else f"not shown better, so train.py's default should "
+                       f"stay the paper's eta {PAPER_ETA:g}, with lr {paper_lr:g}")
             lines.append(f"Chosen minus paper's eta, paired by task and seed: {fmt_interval(diffs)}: {verdict}.")
         else:
             lines.append(f"Paired differences so far: {len(diffs)} of {len(TASKS) * len(SEEDS)}; the default "

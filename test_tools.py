@@ -248,3 +248,18 @@ def test_the_head_alone_runs_at_goats_lr_and_is_paired_with_goat(monkeypatch):
             results[study.Run("tune", t, "goat", lr, 0, eta).id]["dev"] = 0.55
     text = study.Study(results).head_only()
     assert "| GOAT minus head only" in text and "(n=9)" in text and "Pooled over (task, seed) pairs: +4.0" in text, text
+
+
+def test_train_defaults_are_the_committed_studys_choices():
+    """train.py's default learning rates (and GOAT's eta) are what study.py chose from the
+    committed run records; this keeps the two in step as the study goes on."""
+    import train
+    found = study.Study(study.load_results(study.HERE / "results" / "study"))
+    for method in ("lora", "pissa", "milora", "molora", "full"):
+        if method in found.chosen:
+            assert train.parse_args([f"--method={method}"]).lr == found.chosen[method][0], method
+    if found.goat_default() is not None:
+        args = train.parse_args([])
+        assert (args.method, args.lr, args.eta) == ("goat", *found.goat_default())
+    assert train.parse_args(["--lr=1e-4"]).eta == 1.0  # a learning rate of one's own: the paper's eta
+    assert train.parse_args(["--scaling=alpha"]).lr == 3e-4
