@@ -238,6 +238,31 @@ def test_a_float16_run_resumes_with_its_loss_scale(tiny_bert_dir, glue_dir, tmp_
     assert torch.load(run / "ckpt.pt", weights_only=True)["scaler"]["scale"] in (1024.0, 512.0)
 
 
+def test_a_stop_signal_is_checkpointed_before_any_evaluation(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    """The grace period after SIGTERM is short: a stop at an --eval_every step writes its
+    checkpoint and leaves; the evaluation waits for the resumed run."""
+    class SignalAtStep3(train.StopSignals):
+        reads = 0
+
+        @property
+        def received(self):  # read once per step by the loop: SIGTERM arrives during step 3
+            type(self).reads += 1
+            return signal.SIGTERM if type(self).reads >= 3 else None
+
+        @received.setter
+        def received(self, value):
+            pass
+    evaluated = []
+    real_evaluate = train.evaluate
+    monkeypatch.setattr(train, "StopSignals", SignalAtStep3)
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10", "--eval_every=1"))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 3 and len(evaluated) == 2  # steps 1 and 2
+
+
 def test_adapter_flags_come_from_the_adapter_and_conflicts_are_refused(tiny_bert_dir, glue_dir, tmp_path):
     run = tmp_path / "molora"
     train.main(sst2(tiny_bert_dir, run, glue_dir, "--method=molora", "--max_steps=3"))
