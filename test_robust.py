@@ -263,6 +263,25 @@ def test_a_stop_signal_is_checkpointed_before_any_evaluation(tiny_bert_dir, glue
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 3 and len(evaluated) == 2  # steps 1 and 2
 
 
+def test_older_checkpoints_and_default_goat_adapters_keep_their_settings(tiny_bert_dir, glue_dir, tmp_path):
+    """A checkpoint that recorded --dtype=auto resumes as the run it was (float32 on a CPU);
+    a refused resume names the checkpoint's own flags; continuing from an adapter trained
+    with GOAT's default eta keeps GOAT's default learning rate (they are a pair)."""
+    run = tmp_path / "run"
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--ckpt_every=1"))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt["config"]["dtype"], ckpt["step"] = "auto", 2
+    torch.save(ckpt, run / "ckpt.pt")
+    (run / "result.json").unlink()
+    with pytest.raises(SystemExit, match=r"--eta: checkpoint 1.0, now 0.5. Resume with the original flags \(--eta=1.0\)"):
+        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--resume", "--eta=0.5"))
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--resume"))  # auto on a CPU was float32
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter.json").write_text(json.dumps({"method": "goat", "eta": train.GOAT_DEFAULT["eta"]}))
+    assert train.parse_args([f"--adapter={adapter}"]).lr == train.GOAT_DEFAULT["lr"]
+
+
 def test_adapter_flags_come_from_the_adapter_and_conflicts_are_refused(tiny_bert_dir, glue_dir, tmp_path):
     run = tmp_path / "molora"
     train.main(sst2(tiny_bert_dir, run, glue_dir, "--method=molora", "--max_steps=3"))

@@ -212,7 +212,8 @@ def parse_args(argv=None):
         args.alpha = 2.0 * args.rank
     # the learning rates study.py chose on its validation splits; GOAT's lr and eta were tuned
     # as a pair, so a learning rate of one's own (or the authors' alpha scaling) gets the paper's eta
-    goat_pair = args.method == "goat" and args.scaling in (None, "paper") and args.lr is None and args.eta is None
+    goat_pair = (args.method == "goat" and args.scaling in (None, "paper") and args.lr is None
+                 and args.eta in (None, GOAT_DEFAULT["eta"]))  # None, or adopted from a default GOAT adapter
     if args.lr is None:
         args.lr = GOAT_DEFAULT["lr"] if goat_pair else (1e-4 if args.method.startswith("full") else 3e-4)
     if args.eta is None:
@@ -506,7 +507,10 @@ def check_resume(ckpt, args, world):
     unless --allow_resume_changes."""
     parser = build_parser()
     saved = {k: parser.get_default(k) for k in RESUME_FLAGS + SCHEDULE_FLAGS if k in vars(args)}
-    saved.update(ckpt.get("config", {}))
+    saved.update(ckpt["config"])
+    if saved.get("dtype") == "auto":  # written before the dtype was recorded resolved: CUDA runs saved a CUDA state
+        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [{}]
+        saved["dtype"] = "bfloat16" if "cuda" in rngs[0] else "float32"
     saved.setdefault("world_size", 1)
     saved["global_batch"] = saved.get("global_batch", saved.get("batch_size", 0) * saved.get("grad_accum", 1))
     now = dict(vars(args), world_size=world, global_batch=args.batch_size * args.grad_accum * world)
@@ -515,9 +519,11 @@ def check_resume(ckpt, args, world):
                            if (name(saved.get(k)) if k == "model" else saved.get(k)) !=
                            (name(now[k]) if k == "model" else now[k])]
     hard, soft = differ(RESUME_FLAGS), differ(SCHEDULE_FLAGS)
-    if hard:
+    if hard:  # defaults change between versions too: name the checkpoint's values
+        original = " ".join(f"--{k}={saved.get(k)}" for k in RESUME_FLAGS
+                            if saved.get(k) is not None and saved.get(k) != now[k] and k != "model")
         raise SystemExit("--resume: the checkpoint is of another run: " + "; ".join(hard)
-                         + ". Resume with the original flags, or start a new run in another --out_dir")
+                         + f". Resume with the original flags ({original}), or start a new run in another --out_dir")
     if soft and not args.allow_resume_changes:
         raise SystemExit("--resume: the checkpoint was trained with another schedule or data order: "
                          + "; ".join(soft) + ". Resume with the original settings, or pass "
@@ -1388,6 +1394,11 @@ def main_under_torchrun(argv):
             stream.flush()
         except (OSError, ValueError):  # a reader that went away: nothing more to say
             pass
+    try:  # C-level buffers too (NCCL_DEBUG output into a file)
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
     os._exit(status)
 
 
