@@ -1321,7 +1321,10 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
                 raise SystemExit(128 + (stop.received or signal.SIGTERM))
     finally:
         stop.restore()
-        stream.close()
+        try:
+            stream.close()
+        except Exception as e:  # ending the loader must not hide why the loop ended (a stop's 143)
+            print(f"warning: the data loader did not close cleanly: {type(e).__name__}: {e}", file=sys.stderr)
 
     # --- the result
     metrics = evaluate(raw_model, task, tokenizer, args, env, autocast)
