@@ -6,6 +6,7 @@ per process, DDP resume, and FSDP2 on CPU processes (gloo) against one process."
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +59,13 @@ def test_max_len_beyond_the_models_positions_is_refused(tiny_bert_dir, glue_dir,
     with pytest.raises(SystemExit, match="--max_len=256 exceeds the 128 positions"):
         train.main(sst2(tiny_bert_dir, tmp_path / "run", glue_dir, "--max_len=256", "--max_steps=2"))
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_cuda_without_a_gpu_is_named(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what a CPU-only build or a hidden GPU says
+    with pytest.raises(SystemExit, match="--device=cuda, but this torch sees no CUDA GPU.*--device=cpu"):
+        train.main(sst2(tiny_bert_dir, tmp_path / "run", glue_dir, "--device=cuda", "--max_steps=2"))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 # --- the output folder ---------------------------------------------------------------------
@@ -200,11 +208,21 @@ def test_resume_checks_the_checkpoint_against_the_flags(tiny_bert_dir, glue_dir,
             train.main(argv)
     with pytest.raises(SystemExit, match="--global_batch: checkpoint 16, now 8.*--allow_resume_changes"):
         train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--resume", "--batch_size=8"))
+    other = tmp_path / "other"  # files with other contents: another run's data
+    shutil.copytree(glue_dir, other)
+    rows = (other / "SST-2" / "train.tsv").read_text().splitlines()
+    (other / "SST-2" / "train.tsv").write_text("\n".join(rows[:-1]) + "\n")  # one training sentence fewer
+    with pytest.raises(SystemExit, match="trained on other data .data: checkpoint [0-9a-f]{12}, now [0-9a-f]{12}"):
+        train.main(sst2(tiny_bert_dir, run, other, "--max_steps=400", "--resume"))
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 9999, "loss": 0.')  # a torn last line from the crash
-    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=6", "--resume", "--allow_resume_changes"))
+    moved = tmp_path / "moved"  # the same files in another place (a requeued job): the same data
+    shutil.copytree(glue_dir, moved)
+    train.main(sst2(tiny_bert_dir, run, moved, "--max_steps=6", "--resume", "--allow_resume_changes"))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6 and read_result(run)["steps"] == 6
+    changes = json.loads((run / "config.json").read_text())["resumed_at_step_with_changes"]["changes"]
+    assert changes and not any("data" in change for change in changes), changes  # only --max_steps changed
 
 
 def test_damaged_checkpoint_and_adapter_files_are_named(tiny_bert_dir, glue_dir, tmp_path):
@@ -584,6 +602,7 @@ def test_torchrun_processes_exit_with_the_status_python_would_give(capsys):
         assert train.exit_status(e) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "ValueError: a bug" in err
+    assert train.exit_status(KeyboardInterrupt()) == 130  # Ctrl-C in a terminal: 128 + SIGINT, as Python's own exit
 
 
 def test_ddp_dropout_streams_differ_per_process_and_a_preempted_run_resumes(tiny_bert_dir, glue_dir, tmp_path):
@@ -730,10 +749,11 @@ def _two_processes(rank, world, port, results):
         outcome["write"] = str(e)
     import data
     task = data.Task("t", "classification", [], {"dev": [{"text": "x", "label": 0}]}, "accuracy", ["a", "b"])
-    train.check_same_data(env, task, [{"input_ids": [1, 2], "label": 0}] * 3)  # the same: passes
+    same = [{"input_ids": [1, 2], "label": 0}] * 3
+    train.check_same_data(env, task, same, train.data_fingerprint(task, same))  # the same: passes
     items = [{"input_ids": [1, 2], "label": 0}] * (3 if rank == 0 else 4)  # node 1 holds another copy
     try:
-        train.check_same_data(env, task, items)
+        train.check_same_data(env, task, items, train.data_fingerprint(task, items))
         outcome["data"] = "ok"
     except SystemExit as e:
         outcome["data"] = str(e)

@@ -245,6 +245,10 @@ def setup_distributed(args):
     and a gloo group for small control messages (resume, stop) that never waits on a GPU."""
     env = SimpleNamespace(rank=0, local_rank=0, world=1, control=None, fsdp=args.fsdp)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device={device}, but this torch sees no CUDA GPU (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}): install a CUDA build of torch, check "
+                         f"CUDA_VISIBLE_DEVICES, or run with --device=cpu")
     if "RANK" in os.environ:
         env.rank, env.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         env.local_rank = int(os.environ.get("LOCAL_RANK", 0))  # a launcher with one process per machine may not set it
@@ -500,6 +504,20 @@ def read_checkpoint(path):
         raise SystemExit(f"{path} is not a train.py checkpoint (no {', '.join(missing)}): restore it, or start "
                          f"again with --overwrite")
     return ckpt
+
+
+def check_resumed_data(ckpt, fingerprint, args):
+    """The training and evaluation data a resume reads are those the checkpoint was trained
+    on (compared by content, not path: a requeued job may see the files elsewhere)."""
+    saved = ckpt["config"].get("data_fingerprint")
+    if saved is None or saved == fingerprint:  # checkpoints written before the data was recorded: not checked
+        return []
+    change = f"data: checkpoint {saved}, now {fingerprint}"
+    if not args.allow_resume_changes:
+        raise SystemExit(f"--resume: the checkpoint was trained on other data ({change}: other files, another "
+                         f"--max_train_examples or --max_len, or another tokenizer or transformers version). "
+                         f"Resume with the original data, or pass --allow_resume_changes to continue anyway")
+    return [change]
 
 
 def check_resume(ckpt, args, world):
@@ -1017,7 +1035,7 @@ def read_metrics(path, up_to):
     return "".join(r + "\n" for r in rows)
 
 
-def save_checkpoint(path, raw_model, optimizer, scaler, step, args, env, heads):
+def save_checkpoint(path, raw_model, optimizer, scaler, step, args, env, heads, data):
     """Every process takes part (its random state; FSDP's shards); rank 0 writes."""
     rng = {"cpu": torch.get_rng_state()}
     if env.device_type == "cuda":
@@ -1036,7 +1054,7 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, args, env, heads):
         optim_state = sharded["optimizer"] if env.fsdp else optimizer.state_dict()
         state = {"model": model_state, "optimizer": optim_state, "step": step, "rng": rngs,
                  "scaler": scaler.state_dict(),  # float16's loss scale ({} otherwise), so a resume skips no other steps
-                 "config": dict(vars(args), world_size=env.world,
+                 "config": dict(vars(args), world_size=env.world, data_fingerprint=data,
                                 global_batch=args.batch_size * args.grad_accum * env.world)}
         try:
             atomic_write(path, lambda f: torch.save(state, f))
@@ -1216,13 +1234,13 @@ def data_fingerprint(task, items):
     return digest.hexdigest()[:12]
 
 
-def check_same_data(env, task, items):
+def check_same_data(env, task, items, fingerprint):
     """Every process read the same data and tokenized it alike (nodes without a shared
     file system each hold their own copy): with other counts their schedules differ and
     they wait on each other in a collective until the timeout."""
     if not env.distributed:
         return
-    mine = (len(items), {name: len(examples) for name, examples in task.evals.items()}, data_fingerprint(task, items))
+    mine = (len(items), {name: len(examples) for name, examples in task.evals.items()}, fingerprint)
     everyone = [None] * env.world
     dist.all_gather_object(everyone, mine, group=env.control)
     if any(x != everyone[0] for x in everyone):
@@ -1235,11 +1253,14 @@ def check_same_data(env, task, items):
 def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
     check_same_flags(args, env)
     changes = check_resume(ckpt, args, env.world) if ckpt is not None else []
-    if changes:
-        print0(env, "--allow_resume_changes: resuming despite " + "; ".join(changes))
     torch.manual_seed(args.seed)  # same on every process: identical initial adapters and routers
     task, tokenizer, train_items, collate = together(env, lambda: load_data(args))
-    check_same_data(env, task, train_items)
+    fingerprint = data_fingerprint(task, train_items)
+    check_same_data(env, task, train_items, fingerprint)
+    if ckpt is not None:
+        changes += check_resumed_data(ckpt, fingerprint, args)
+    if changes:
+        print0(env, "--allow_resume_changes: resuming despite " + "; ".join(changes))
     state = ckpt["model"] if ckpt is not None else (together(env, lambda: read_adapter(args.adapter))
                                                     if args.adapter else None)
     raw_model, heads, routed = build_model(args, env, task, tokenizer, dtype, state)
@@ -1313,7 +1334,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
                 if env.master:
                     append_metrics(metrics_path, {"step": done, "eval": evals})
             if saving:
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, done, args, env, heads)
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, done, args, env, heads, fingerprint)
             if stopping and done < max_steps:
                 name = signal.Signals(stop.received).name if stop.received else "a signal on another process"
                 print0(env, f"stopped by {name} after step {done}/{max_steps}: checkpoint written to {ckpt_path}; "
@@ -1377,7 +1398,7 @@ def exit_status(exc):
         return 1
     import traceback
     traceback.print_exception(exc)
-    return 1
+    return 128 + signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 1  # Ctrl-C: what a shell shows for Python's
 
 
 def main_under_torchrun(argv):
