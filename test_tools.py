@@ -93,6 +93,31 @@ def test_goat_is_tuned_over_lr_and_eta(monkeypatch):
     assert len(study.tuning("goat", results)[0]) == 9 * len(study.TASKS)
 
 
+def test_a_method_also_runs_at_its_own_best_setting_for_the_ablation_task(monkeypatch):
+    """GOAT's setting is shared by all tasks; where it lags on the ablation task, its best
+    setting there (by validation score) runs too, seeds 1-2 next to the tuning run's seed 0."""
+    monkeypatch.setattr(study, "METHODS", {"goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.1, 1.0, 10.0])})
+    monkeypatch.setattr(study, "PER_TASK", ("goat",))
+    results = {}
+    for _ in range(4):
+        finish(results, [r for r in study.plan(results)[0] if r.part == "tune"])
+    assert not [r for r in study.plan(results)[0] if r.label == "goat" and r.part == "ablation"]  # its best: the chosen
+    own = study.Run("tune", study.ABLATION_TASK, "goat", 1e-4, 0, 0.1)
+    results[own.id]["val"] = 0.75  # better than the chosen (3e-4, 1) on this task alone, not on the mean
+    runs, chosen = study.plan(results)
+    assert chosen["goat"] == (3e-4, 1.0)
+    extra = [r for r in runs if r.label == "goat" and r.part == "ablation"]
+    assert [(r.task, r.lr, r.eta, r.seed) for r in extra] == [(study.ABLATION_TASK, 1e-4, 0.1, s) for s in (1, 2)]
+    for run in runs:
+        if run.id not in results:
+            results[run.id] = fake_result(run, 0.5, dev=0.25 if run in extra else 0.2)
+    results[own.id]["dev"] = 0.25
+    results[study.Run("tune", study.ABLATION_TASK, "goat", 3e-4, 0, 1.0).id]["dev"] = 0.2
+    text = study.Study(results).ablations()
+    row = next(line for line in text.splitlines() if line.startswith("| goat at its best"))
+    assert "(0.0001, eta 0.1)" in row and "+5.0 [+5.0, +5.0]" in row  # paired with GOAT's chosen setting
+
+
 def test_t_interval_against_scipy():
     stats = pytest.importorskip("scipy.stats")
     values = [0.012, -0.004, 0.021, 0.007, 0.015]
