@@ -16,7 +16,8 @@ Parts, in the order they run (later parts need the learning rates chosen earlier
 3. full-moe: the upcycled full MoE (8 full copies of every Linear) on SST-2, at
    full fine-tuning's chosen lr, seeds 0 and 1; every method's loss curve against it.
 4. ablation: GOAT's parts on CoLA (scaling, SVD inits, residual, no mixture), seeds 0-2,
-   at GOAT's chosen setting.
+   at GOAT's chosen setting; and GOAT, MoLoRA and LoRA at their best CoLA validation
+   setting where it differs from the one they use for all tasks (seeds 1-2; seed 0 ran).
 5. rank8: total rank 8 (8 experts of rank 1), LoRA / MoLoRA / GOAT on CoLA, seeds 0-2.
 
 Each run is `python train.py ...` in a subprocess with one thread (results depend
