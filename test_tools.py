@@ -115,7 +115,7 @@ def test_a_method_also_runs_at_its_own_best_setting_for_the_ablation_task(monkey
     results[study.Run("tune", study.ABLATION_TASK, "goat", 3e-4, 0, 1.0).id]["dev"] = 0.2
     text = study.Study(results).ablations()
     row = next(line for line in text.splitlines() if line.startswith("| goat at its best"))
-    assert "(0.0001, eta 0.1)" in row and "+5.0 [+5.0, +5.0]" in row  # paired with GOAT's chosen setting
+    assert "(0.0001, eta 0.1)" in row and "| 1,2 | +5.0 [+5.0, +5.0]" in row  # seeds 1-2 (0 chose it), paired
 
 
 def test_t_interval_against_scipy():

@@ -507,17 +507,23 @@ def read_checkpoint(path):
 
 
 def check_resumed_data(ckpt, fingerprint, args):
-    """The training and evaluation data a resume reads are those the checkpoint was trained
-    on (compared by content, not path: a requeued job may see the files elsewhere)."""
+    """A resume trains on the data the checkpoint was trained on (compared by content, not
+    path: a requeued job may see the files elsewhere); other evaluation sets only change
+    what is reported, so they are allowed and recorded. Returns the changes to record."""
     saved = ckpt["config"].get("data_fingerprint")
-    if saved is None or saved == fingerprint:  # checkpoints written before the data was recorded: not checked
-        return []
-    change = f"data: checkpoint {saved}, now {fingerprint}"
-    if not args.allow_resume_changes:
-        raise SystemExit(f"--resume: the checkpoint was trained on other data ({change}: other files, another "
-                         f"--max_train_examples or --max_len, or another tokenizer or transformers version). "
-                         f"Resume with the original data, or pass --allow_resume_changes to continue anyway")
-    return [change]
+    if not isinstance(saved, dict):  # written before train.py recorded its data
+        return ["data not checked: the checkpoint predates data fingerprints"]
+    changes = []
+    if saved.get("train") != fingerprint["train"]:
+        change = f"training data: checkpoint {saved.get('train')}, now {fingerprint['train']}"
+        if not args.allow_resume_changes:
+            raise SystemExit(f"--resume: the checkpoint was trained on other data ({change}): other files, or "
+                             f"another tokenizer, transformers or Python version reading them. Resume with the "
+                             f"original data, or pass --allow_resume_changes to continue anyway")
+        changes.append(change)
+    if saved.get("evals") != fingerprint["evals"]:
+        changes.append(f"evaluation data: checkpoint {saved.get('evals')}, now {fingerprint['evals']}")
+    return changes
 
 
 def check_resume(ckpt, args, world):
@@ -1222,16 +1228,18 @@ def check_same_flags(args, env):
 
 
 def data_fingerprint(task, items):
-    """The training items (as encoded) and every evaluation set, independent of where the
-    files lie: an image counts by its file name, not its path."""
-    digest = hashlib.sha256(json.dumps(task.labels, default=str).encode())
+    """The training items (as encoded, with the label set) and each evaluation set, each
+    as a short hash independent of where the files lie: an image counts by its file name."""
     portable = lambda item: {k: Path(v).name if k == "image" else v for k, v in item.items()} \
         if isinstance(item, dict) else item
-    for part in (items, *task.evals.values()):
-        digest.update(f"|{len(part)}|".encode())
+
+    def digest(part, prefix=b""):
+        h = hashlib.sha256(prefix + f"|{len(part)}|".encode())
         for item in part:
-            digest.update(json.dumps(portable(item), sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:12]
+            h.update(json.dumps(portable(item), sort_keys=True, default=str).encode())
+        return h.hexdigest()[:12]
+    return {"train": digest(items, json.dumps(task.labels, default=str).encode()),
+            "evals": {name: digest(examples) for name, examples in task.evals.items()}}
 
 
 def check_same_data(env, task, items, fingerprint):
@@ -1240,12 +1248,13 @@ def check_same_data(env, task, items, fingerprint):
     they wait on each other in a collective until the timeout."""
     if not env.distributed:
         return
-    mine = (len(items), {name: len(examples) for name, examples in task.evals.items()}, fingerprint)
+    mine = (len(items), {name: len(examples) for name, examples in task.evals.items()}, fingerprint["train"],
+            fingerprint["evals"])
     everyone = [None] * env.world
     dist.all_gather_object(everyone, mine, group=env.control)
     if any(x != everyone[0] for x in everyone):
-        seen = "; ".join(f"process {r}: {n:,} training examples, eval {evals}, data {digest}"
-                         for r, (n, evals, digest) in enumerate(everyone))
+        seen = "; ".join(f"process {r}: {n:,} training examples, eval {evals}, data {digest}, eval data {eval_digests}"
+                         for r, (n, evals, digest, eval_digests) in enumerate(everyone))
         raise SystemExit(f"the processes read different data ({seen}): put the same files (and the same "
                          f"tokenizer and transformers version) on every node")
 
@@ -1260,7 +1269,7 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
     if ckpt is not None:
         changes += check_resumed_data(ckpt, fingerprint, args)
     if changes:
-        print0(env, "--allow_resume_changes: resuming despite " + "; ".join(changes))
+        print0(env, "resuming despite " + "; ".join(changes))
     state = ckpt["model"] if ckpt is not None else (together(env, lambda: read_adapter(args.adapter))
                                                     if args.adapter else None)
     raw_model, heads, routed = build_model(args, env, task, tokenizer, dtype, state)
@@ -1398,7 +1407,8 @@ def exit_status(exc):
         return 1
     import traceback
     traceback.print_exception(exc)
-    return 128 + signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 1  # Ctrl-C: what a shell shows for Python's
+    # Ctrl-C: 130, the status a shell reports for Python's own death by SIGINT (torchrun sees an exit code)
+    return 128 + signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 1
 
 
 def main_under_torchrun(argv):
