@@ -581,6 +581,15 @@ class Study:
             lines.append(f"| {shown} | {fmt_mean_std(list(scores.values()))} | {','.join(map(str, scores))} | {diff} |")
         return "\n".join(lines)
 
+    def init_at_one_setting(self):
+        """GOAT with the authors' scaling against MoLoRA, where both chose the same lr: the
+        same layer, experts, routing, scale s = alpha / d and schedule; only the init differs."""
+        if "goat (alpha)" not in self.chosen or self.chosen.get("molora") != self.chosen["goat (alpha)"]:
+            return ""
+        return (f"Both chose lr {self.chosen['molora'][0]:g}; at it the two differ only in the init (GOAT's SVD "
+                f"segments with the residual W_res against LoRA's random A, zero B). Read after the plan was "
+                f"made (both rows were in it, this question was not).\n\n" + self.paired("goat (alpha)", ["molora"]))
+
     def default_diffs(self):
         """Dev scores of GOAT's chosen setting minus the paper's eta, paired by task and seed."""
         lr, eta = self.chosen["goat"]
@@ -697,6 +706,8 @@ class Study:
             parts[run.part] = parts.get(run.part, 0) + 1
         later = " (later parts join the plan as the settings they need are chosen)" if \
             len(self.chosen) < len(METHODS) else ""
+        if not due and len(self.chosen) == len(METHODS):
+            return f"{len(self.results)} runs finished: the study is complete."
         return (f"{len(self.results)} runs finished; the plan asks for {len(due)} more now"
                 + (f" ({', '.join(f'{k} {v}' for k, v in parts.items())})" if parts else "") + later + ".")
 
@@ -705,6 +716,7 @@ class Study:
                     ("Headline: every method at its chosen setting", self.headline()),
                     ("Paired differences", self.paired("goat", ["molora", "lora", "full", "pissa", "milora",
                                                                 "goat (alpha)"])),
+                    ("GOAT's init against MoLoRA's, at one setting", self.init_at_one_setting()),
                     ("Tuning (validation split, seed 0)", self.tuning_tables()),
                     ("GOAT's eta x lr against full fine-tuning's lr", self.eta_lr_agreement()),
                     ("train.py's default for GOAT: the paper's eta, unless shown worse", self.default_choice()),
@@ -729,7 +741,7 @@ class Study:
                     curves[label] = list(zip(steps, [statistics.mean(c[i] for c in smoothed) for i in range(length)]))
             if curves:
                 plots.plot_loss_curves(curves, results_dir / f"study_loss_{task}.png",
-                                       f"MiniLM on {task}: training loss at each method's chosen setting, mean over seeds")
+                                       f"MiniLM on {task}: each method at its chosen setting, mean of its seeds")
         sweeps = {}
         for label in METHODS:
             _, _, means = tuning(label, self.results)

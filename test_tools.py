@@ -118,6 +118,26 @@ def test_a_method_also_runs_at_its_own_best_setting_for_the_ablation_task(monkey
     assert "(0.0001, eta 0.1)" in row and "| 1,2 | +5.0 [+5.0, +5.0]" in row  # seeds 1-2 (0 chose it), paired
 
 
+def test_goat_alpha_and_molora_are_compared_only_at_one_setting(monkeypatch):
+    monkeypatch.setattr(study, "METHODS", {"molora": study.Method(["--method=molora"], [3e-4, 1e-3, 3e-3]),
+                                           "goat (alpha)": study.Method(["--method=goat", "--scaling=alpha"],
+                                                                        [1e-4, 3e-4, 1e-3])})
+    results = {}
+    for _ in range(6):
+        for run in study.plan(results)[0]:
+            if run.id not in results and run.part in ("tune", "seeds"):
+                val = score(run.label, run.lr, run.eta, run.task)
+                results[run.id] = fake_result(run, val, dev=0.5 - (0.03 if run.label == "goat (alpha)" else 0.0))
+    both = study.Study(results)
+    assert both.chosen["molora"] == both.chosen["goat (alpha)"] == (3e-4, None)
+    assert "| molora | -3.0 [-3.0, -3.0] | -3.0 [-3.0, -3.0] | -3.0 [-3.0, -3.0] | -3.0 [-3.0, -3.0] (n=9) |" \
+        in both.init_at_one_setting()
+    for record in results.values():  # MoLoRA's best moves to 1e-3: the two no longer share a setting
+        if record["label"] == "molora" and record["lr"] == 1e-3:
+            record["val"] = 0.99
+    assert study.Study(results).init_at_one_setting() == ""
+
+
 def test_t_interval_against_scipy():
     stats = pytest.importorskip("scipy.stats")
     values = [0.012, -0.004, 0.021, 0.007, 0.015]
