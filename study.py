@@ -688,6 +688,22 @@ class Study:
                 f"(the rank-32 rows: the same methods in the headline, for what the lower rank costs each).\n\n"
                 + self.variant_table(RANK8_TASK, rows, ("goat r8", *self.chosen["goat"])))
 
+    def expert_load(self):
+        """How GOAT's routers spread the tokens at the end of its seed-0 run on the ablation task
+        (the last logged training batch; uniform is 1 / experts)."""
+        run = self.finished(ABLATION_TASK, "goat", [0]).get(0)
+        if not run or not run.get("expert_load"):
+            return ""
+        loads = run["expert_load"]
+        shares = [x for layer in loads.values() for x in layer]
+        even = sum(1 for layer in loads.values() if max(layer) - min(layer) < 0.1)
+        idle = sorted(name for name, layer in loads.items() if min(layer) < 0.01)
+        return (f"GOAT on {ABLATION_TASK}, seed 0, last logged training batch: {len(loads)} layers x "
+                f"{len(next(iter(loads.values())))} experts; an expert's share of a layer's routing ranges "
+                f"{min(shares):.2f}-{max(shares):.2f} (standard deviation {statistics.pstdev(shares):.3f}); "
+                f"{even} of {len(loads)} layers keep every expert within 0.1 of the others; layers with an expert "
+                f"under 0.01: {', '.join(idle) or 'none'}. Plot: study_expert_load_goat.png.")
+
     def compute(self):
         lines = ["| part | runs | run-minutes (one thread each) |", "|---|---|---|"]
         parts = {}
@@ -724,6 +740,7 @@ class Study:
                     ("The upcycled full MoE and loss curves", self.full_moe()),
                     ("Ablations of GOAT", self.ablations()),
                     ("Total rank 8 (8 experts of rank 1)", self.rank8()),
+                    ("Expert load", self.expert_load()),
                     ("Compute", self.compute())]
         return "\n\n".join(f"### {title}\n\n{body}" for title, body in sections if body) + "\n"
 

@@ -162,6 +162,9 @@ def test_report_from_result_files_alone(tmp_path, monkeypatch):
                 base = score(run.label, run.lr, run.eta, run.task) + 0.001 * run.seed
                 dev = base + (0.02 if run.label == "goat" else 0.0)
                 results[run.id] = fake_result(run, base, dev, curve_shift=0.1 if run.label == "full-moe" else 0.0)
+    goat_cola = results[study.Run("", study.ABLATION_TASK, "goat", *study.Study(results).chosen["goat"][:1], 0,
+                                  study.Study(results).chosen["goat"][1]).id]
+    goat_cola["expert_load"] = {"a": [0.5, 0.5, 0.0, 0.0], "b": [0.25, 0.25, 0.25, 0.25]}
     (tmp_path / "study" / "runs").mkdir(parents=True)
     for record in results.values():
         (tmp_path / "study" / "runs" / f"{record['id']}.json").write_text(study.json.dumps(record))
@@ -172,6 +175,8 @@ def test_report_from_result_files_alone(tmp_path, monkeypatch):
         assert title in text, title
     lora_row = next(line for line in text.splitlines() if line.startswith("| lora |") and "[" in line)
     assert "+2.0 [+2.0, +2.0]" in lora_row  # the exact 2-point difference, with a zero-width interval
+    assert "ranges 0.00-0.50" in text and "1 of 2 layers keep every expert within 0.1" in text
+    assert "under 0.01: a." in text
     assert (tmp_path / "study_lr_sweep.png").exists() and (tmp_path / "study_loss_sst2.png").exists()
 
 
