@@ -18,6 +18,7 @@ A task is plain data: examples are dicts; train.py tokenises them with
 `encode_*` and batches them with `collate`.
 """
 
+import hashlib
 import importlib
 import inspect
 import json
@@ -112,6 +113,13 @@ class Task:
     def main_metric(self):
         return self.metric
 
+    def fingerprint(self):
+        """A short hash of every example and label name: equal where the task's data is equal
+        (for docstrings: the same Python, whatever else the process has imported)."""
+        h = hashlib.sha256(json.dumps([self.name, self.labels, self.train, self.evals], sort_keys=True,
+                                      default=str).encode())
+        return h.hexdigest()[:12]
+
     def majority_baseline(self):
         """Each eval set's metric when always predicting the commonest training label
         (its mean for regression)."""
@@ -157,13 +165,23 @@ def read_text(path, hint):
                          f"convert the file to UTF-8") from None
 
 
+def split_lines(text):
+    """Rows of a text file: split on \\n (and \\r\\n) only. str.splitlines also splits on
+    U+2028, \\x0b, \\x0c, \\x1c-\\x1e and \\x85, which may sit inside a text field."""
+    rows = text.split("\n")
+    if rows and rows[-1] == "":
+        rows.pop()
+    return [row[:-1] if row.endswith("\r") else row for row in rows]
+
+
 def read_glue_tsv(path, columns, labels):
     """Rows of a GLUE tsv as {text, text_pair, label}. Rows with missing or extra
     fields or an unknown label are skipped and counted, as the common loaders do,
     unless more than 1% of the file is malformed: then it stops at the first bad
     line. Errors name the file and line."""
     path = Path(path)
-    lines = read_text(path, f"--data_dir must hold the GLUE layout (<data_dir>/{path.parent.name}/{path.name})").splitlines()
+    text = read_text(path, f"--data_dir must hold the GLUE layout (<data_dir>/{path.parent.name}/{path.name})")
+    lines = split_lines(text)
     if not any(line.strip() for line in lines):
         raise ValueError(f"{path}: the file is empty")
     start, index, width = 0, {}, None
@@ -344,7 +362,10 @@ def _module_docstrings(module_name):
             found.append((f"{module_name}.{name}", obj.__doc__))
         if inspect.isclass(obj):
             for attr, member in sorted(vars(obj).items()):
-                if not attr.startswith("_") and inspect.isroutine(member):
+                # a method another library added to the class (transformers adds info_once to
+                # logging.Logger) is not the module's: the task must not depend on what is imported
+                foreign = getattr(member, "__module__", None) is not None and not _owned(member, module_name)
+                if not attr.startswith("_") and inspect.isroutine(member) and not foreign:
                     found.append((f"{module_name}.{name}.{attr}", getattr(member, "__doc__", None)))
     return found
 

@@ -35,15 +35,16 @@ carry their initial factors and base-weight fingerprints (`goat_state_dict`), an
 import contextlib
 import json
 import math
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-INITS = ("goat", "goat_mini", "pissa", "milora", "lora")
-SVD_INITS = ("goat", "goat_mini", "pissa", "milora")
-SCALINGS = ("paper", "alpha", "rslora")
+INITS = ("goat", "goat_mini", "goat_random", "pissa", "milora", "lora")
+SVD_INITS = ("goat", "goat_mini", "goat_random", "pissa", "milora")
+SCALINGS = ("paper", "adam", "alpha", "rslora")
 # Modules that "all-linear" leaves alone: task heads, which are trained in full.
 DEFAULT_EXCLUDE = ("classifier", "lm_head", "score", "qa_outputs")
 
@@ -54,13 +55,15 @@ class GOATConfig:
     experts: int = 8          # E
     top_k: int = 2            # k
     init: str = "goat"        # one of INITS
-    scaling: object = "paper"  # "paper" | "alpha" | "rslora" | a number
+    scaling: object = "paper"  # "paper" | "adam" | "alpha" | "rslora" | a number
     alpha: float = None       # for "alpha" (s = alpha / d) and "rslora" (s = alpha / sqrt(d))
-    eta: float = 1.0          # lr_full / lr_lora, for "paper" scaling
+    eta: float = 1.0          # lr_full / lr_lora, for "paper" and "adam" scaling
     rho: float = 10.0         # SVD inits put S / rho into the adapter
     init_cof: float = None    # c in W_res = W0 - c s sum B_i A_i; None means 1/E
     dropout: float = 0.05
     segments: int = None      # goat/goat_mini: equal spectrum segments; None means E (an ablation sets it)
+    segment: int = None       # goat: one adapter from this segment alone (the per-segment sweep of Fig. 1)
+    per_expert_scale: bool = False  # GOAT-s (Appendix E): s_i = s sqrt(sigma_1 / sigma_i), SVD inits
 
     def __post_init__(self):
         """Refuse what would train silently wrong: a zero, negative or NaN scale gives an
@@ -77,7 +80,7 @@ class GOATConfig:
             if not (value is None and name == "segments") and (isinstance(value, bool) or not isinstance(value, int)
                                                                or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        positive = {"rho": self.rho, "eta": self.eta if self.scaling == "paper" else 1.0,
+        positive = {"rho": self.rho, "eta": self.eta if self.scaling in ("paper", "adam") else 1.0,
                     "alpha": self.alpha if self.scaling in ("alpha", "rslora") else 1.0,
                     "scaling": self.scaling if numeric else 1.0}
         for name, value in positive.items():
@@ -89,8 +92,16 @@ class GOATConfig:
         if self.rank % self.experts:
             raise ValueError(f"rank {self.rank} is not divisible by experts {self.experts}: "
                              f"each expert gets rank/experts components; pick e.g. rank={self.experts * max(1, self.rank // self.experts)}")
-        if self.segments is not None and self.rank % self.segments:
+        if self.segments is not None and self.rank % self.segments and self.segment is None:
             raise ValueError(f"segments {self.segments} must divide rank {self.rank}")
+        if self.segment is not None and (self.init != "goat" or self.experts != 1 or isinstance(self.segment, bool)
+                                         or not isinstance(self.segment, int)
+                                         or not 0 <= self.segment < self.n_segments):
+            raise ValueError(f"segment={self.segment!r}: one adapter (experts=1, init='goat') from segment "
+                             f"0 .. segments-1 (segments={self.n_segments})")
+        if self.per_expert_scale and (self.init not in SVD_INITS or self.scaling == "adam"):
+            raise ValueError("per_expert_scale (GOAT-s) rescales the paper's or alpha scaling per SVD segment: "
+                             "it needs an SVD init, and 'adam' scaling is per expert already")
         if not 1 <= self.top_k <= self.experts:
             raise ValueError(f"top_k {self.top_k} must lie in [1, experts={self.experts}]")
         if not 0.0 <= self.dropout < 1.0:
@@ -141,10 +152,39 @@ def scaling_factor(n, d, eta=1.0):
     return math.sqrt(3.0 * eta * n / d)
 
 
+def adam_scaling_factor(m, n, eta=1.0, d=None, sigma_sum=None, rho=10.0):
+    """The scale that gives an expert's equivalent weight the step of full fine-tuning
+    under Adam (AdamW), as scaling_factor does under SGD. Not in the paper.
+
+    Adam moves every parameter by about its learning rate whatever the gradient's size
+    (its first step is exactly -lr sign(grad)), so a full expert W (m x n) trained at
+    eta * lr moves each entry by eta * lr. The equivalent weight W~ = W_res + s B A
+    moves by s (dB A + B dA), with dB = -lr sign(g A^T), dA = -lr sign(B^T g). For A with
+    orthogonal rows and B with orthogonal columns (the SVD inits; about so for random A),
+    ||dB A||_F^2 = lr^2 m ||A||_F^2 and ||B dA||_F^2 = lr^2 n ||B||_F^2, and the cross
+    term has random signs. Asking the root-mean-square step of W~ to be eta * lr:
+        s^2 (m ||A||_F^2 + n ||B||_F^2) = eta^2 m n.
+    - LoRA init (B0 = 0, A0 entries of variance 1/(3n), so ||A0||_F^2 = d/3):
+        s = eta sqrt(3 n / d)     (the paper's form, with eta where SGD has sqrt(eta):
+                                   Adam's step does not carry the gradient's factor s)
+    - SVD inits (||A0||_F^2 = ||B0||_F^2 = sigma_sum / (s rho), sigma_sum the sum of the
+      expert's singular values):
+        s = eta^2 m n rho / ((m + n) sigma_sum)   (one per expert: an expert on a weak
+                                                   segment gets a larger s)
+    Under this scale the effective step of every init and segment is the same, so
+    that changing the init does not change how fast the adapter learns."""
+    if sigma_sum is None:
+        return eta * math.sqrt(3.0 * n / d)
+    return eta ** 2 * m * n * rho / ((m + n) * sigma_sum)
+
+
 def resolve_scaling(cfg, n):
+    """s where it does not depend on the weight's spectrum (see expert_scales)."""
     d = cfg.expert_rank
     if cfg.scaling == "paper":
         return scaling_factor(n, d, cfg.eta)
+    if cfg.scaling == "adam":
+        return cfg.eta * math.sqrt(3.0 * n / d)
     if cfg.scaling == "alpha":
         return cfg.alpha / d
     if cfg.scaling == "rslora":
@@ -152,14 +192,21 @@ def resolve_scaling(cfg, n):
     return float(cfg.scaling)
 
 
-def svd_indices(init, h, rank, segments):
+def svd_indices(init, h, rank, segments, segment=None, generator=None):
     """Singular-value indices given to the experts, concatenated expert by expert.
-    goat/goat_mini cut the spectrum into `segments` equal parts (one per expert)."""
+    goat/goat_mini cut the spectrum into `segments` equal parts (one per expert);
+    `segment` j: the top `rank` components of segment j alone; goat_random: `rank`
+    components drawn at random from the whole spectrum (by `generator`)."""
     d, t = rank // segments, h // segments  # components per segment, segment length
+    if init == "goat" and segment is not None:
+        return list(range(segment * t, segment * t + rank))
     if init == "goat":  # top of each of E equal segments of the spectrum
         return [j for i in range(segments) for j in range(i * t, i * t + d)]
     if init == "goat_mini":  # bottom of each segment
         return [j for i in range(segments) for j in range((i + 1) * t - d, (i + 1) * t)]
+    if init == "goat_random":  # each expert d components from anywhere in the spectrum, no two share one
+        chosen = torch.randperm(h, generator=generator)[:rank].view(segments, d).sort(dim=1).values
+        return chosen.reshape(-1).tolist()
     if init == "pissa":  # principal components
         return list(range(rank))
     if init == "milora":  # minor components
@@ -167,29 +214,54 @@ def svd_indices(init, h, rank, segments):
     raise ValueError(f"{init!r} is not an SVD init")
 
 
-def init_factors(weight, cfg, scaling, name="layer", svd_device=None):
-    """Initial (A0, B0): r x n and m x r, float32 (float64 for float64 weights), on
-    the weight's device. `svd_device` (e.g. "cuda") factorises there instead: one
-    layer at a time, so a model kept on the CPU is initialised at GPU speed."""
+def expert_scales(cfg, m, n, S_chosen):
+    """s per expert (a tuple of E floats) for scales that depend on the spectrum: "adam"
+    with an SVD init, and GOAT-s. S_chosen: the singular values given to the experts."""
+    sums = S_chosen.double().view(cfg.experts, -1).sum(dim=1)
+    sums = sums.clamp_min(max(float(sums.max()), 1.0) * 1e-12)  # a zero segment: any s (its factors are 0)
+    if cfg.scaling == "adam":
+        return tuple(adam_scaling_factor(m, n, cfg.eta, sigma_sum=float(x), rho=cfg.rho) for x in sums)
+    s = resolve_scaling(cfg, n)  # GOAT-s: expert 1 keeps s, s_i^2 sigma_i is the same for all
+    return tuple(s * math.sqrt(float(sums[0]) / float(x)) for x in sums)
+
+
+def _random_generator(name):
+    """goat_random's components: the same on every process (the seed and the layer's name)."""
+    return torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 63)
+
+
+def init_factors(weight, cfg, name="layer", svd_device=None):
+    """Initial (A0, B0, s): r x n and m x r, float32 (float64 for float64 weights), on
+    the weight's device, and the scaling s (a float, or a tuple with one per expert).
+    `svd_device` (e.g. "cuda") factorises there instead: one layer at a time, so a
+    model kept on the CPU is initialised at GPU speed."""
     if svd_device is not None and cfg.init in SVD_INITS:
-        A, B = init_factors(weight.to(svd_device), cfg, scaling, name)
-        return A.to(weight.device), B.to(weight.device)
+        A, B, s = init_factors(weight.to(svd_device), cfg, name)
+        return A.to(weight.device), B.to(weight.device), s
     m, n = weight.shape
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     if cfg.init == "lora":  # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(n), 1/sqrt(n)), B = 0
         A = torch.empty(cfg.rank, n, dtype=dtype, device=weight.device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        return A, torch.zeros(m, cfg.rank, dtype=dtype, device=weight.device)
+        return A, torch.zeros(m, cfg.rank, dtype=dtype, device=weight.device), resolve_scaling(cfg, n)
     h, segments = min(m, n), cfg.n_segments
-    d, t = cfg.rank // segments, h // segments
+    d, t = (cfg.rank, h // segments) if cfg.segment is not None else (cfg.rank // segments, h // segments)
     if t < d:
         raise ValueError(f"{name}: SVD segment length min(out, in) / segments = {h}/{segments} = {t} "
-                         f"is shorter than the per-expert rank {d}; lower rank or experts")
+                         f"is shorter than the {'rank' if cfg.segment is not None else 'per-expert rank'} {d}; "
+                         f"lower rank or experts")
     # bf16/fp16 have no SVD kernel: factorise in float32 (float64 stays float64), cast back once.
     U, S, Vh = torch.linalg.svd(weight.detach().to(dtype), full_matrices=False)
-    idx = torch.tensor(svd_indices(cfg.init, h, cfg.rank, segments), device=weight.device)
-    root = (S[idx] / (scaling * cfg.rho)).sqrt()   # sqrt(S_I'), S_I' = S_I / (s rho)
-    return root[:, None] * Vh[idx], U[:, idx] * root[None, :]
+    generator = _random_generator(name) if cfg.init == "goat_random" else None
+    idx = torch.tensor(svd_indices(cfg.init, h, cfg.rank, segments, cfg.segment, generator), device=weight.device)
+    if cfg.scaling == "adam" or cfg.per_expert_scale:
+        s = expert_scales(cfg, m, n, S[idx])
+        per_slot = torch.tensor(s, dtype=dtype, device=weight.device).repeat_interleave(cfg.expert_rank)
+        root = (S[idx] / (per_slot * cfg.rho)).sqrt()
+    else:
+        s = resolve_scaling(cfg, n)
+        root = (S[idx] / (s * cfg.rho)).sqrt()   # sqrt(S_I'), S_I' = S_I / (s rho)
+    return root[:, None] * Vh[idx], U[:, idx] * root[None, :], s
 
 
 def _autocast_dtype(device_type):
@@ -400,17 +472,23 @@ class GOATLinear(_Routed):
         super().__init__()
         _check_linear(base, name)
         m, n = base.weight.shape
-        if cfg.rank > min(m, n):
+        if (cfg.rank if cfg.init in SVD_INITS else cfg.expert_rank) > min(m, n):  # SVD experts share one spectrum
             raise ValueError(f"{name}: rank {cfg.rank} exceeds min(out={m}, in={n}); lower the rank")
         self.cfg, self.name = cfg, name
         self.experts, self.top_k, self.expert_rank = cfg.experts, cfg.top_k, cfg.expert_rank
-        self.scaling = resolve_scaling(cfg, n)
         self.fingerprint = weight_fingerprint(base.weight)
         if factors is None:
-            A0, B0 = init_factors(base.weight, cfg, self.scaling, name, svd_device)
+            A0, B0, scale = init_factors(base.weight, cfg, name, svd_device)
         else:  # computed elsewhere (another process, another device): kept on this weight's device
-            A0, B0 = (f.to(base.weight.device) for f in factors)
+            A0, B0, scale = factors
+            A0, B0 = A0.to(base.weight.device), B0.to(base.weight.device)
         dtype = A0.dtype
+        if isinstance(scale, (tuple, list)) and len(set(scale)) == 1:
+            scale = scale[0]
+        if isinstance(scale, (tuple, list)):  # one s per expert (GOAT-s, "adam" on an SVD init)
+            self.register_buffer("scaling", torch.tensor(scale, dtype=dtype, device=A0.device))
+        else:
+            self.scaling = float(scale)
         self.register_buffer("lora_A0", A0.clone())
         self.register_buffer("lora_B0", B0.clone())
         self.lora_A = nn.Parameter(A0.clone())
@@ -428,7 +506,15 @@ class GOATLinear(_Routed):
         self.base = base
 
     def _init_delta(self):
-        return self.cfg.cof * self.scaling * (self.lora_B0 @ self.lora_A0)
+        if isinstance(self.scaling, float):
+            return self.cfg.cof * self.scaling * (self.lora_B0 @ self.lora_A0)
+        return self.cfg.cof * (self.lora_B0 * self.scaling.repeat_interleave(self.expert_rank)) @ self.lora_A0
+
+    def expert_scales(self):
+        """s of each expert, as floats."""
+        if isinstance(self.scaling, float):
+            return [self.scaling] * self.experts
+        return self.scaling.tolist()
 
     def _apply(self, fn, recurse=True):
         """model.to(torch.bfloat16) (or .half()) casts the frozen base but not the adapter,
@@ -481,8 +567,10 @@ class GOATLinear(_Routed):
         return out.view(*x.shape[:-1], self.base.out_features)
 
     def extra_repr(self):
+        scales = self.expert_scales()
+        scaling = f"{scales[0]:.4g}" if len(set(scales)) == 1 else f"{min(scales):.4g}..{max(scales):.4g}"
         return (f"rank={self.cfg.rank}, experts={self.experts}, top_k={self.top_k}, "
-                f"init={self.cfg.init}, scaling={self.scaling:.4g}")
+                f"init={self.cfg.init}, scaling={scaling}")
 
 
 def moe_loop_forward(layer, x):
@@ -503,7 +591,7 @@ def moe_loop_forward(layer, x):
         for i in range(layer.experts):
             rows, slot = torch.where(selected == i)
             A_i, B_i = layer.lora_A[i * d:(i + 1) * d], layer.lora_B[:, i * d:(i + 1) * d]
-            expert_out = layer.scaling * F.linear(F.linear(xd[rows], A_i), B_i)
+            expert_out = layer.expert_scales()[i] * F.linear(F.linear(xd[rows], A_i), B_i)
             out = out.index_add(0, rows, weights[rows, slot, None].to(xd.dtype) * expert_out)
     return y + out.view(*x.shape[:-1], -1).to(y.dtype)
 
@@ -529,7 +617,12 @@ class UpcycledMoE(_Routed):
         xs = x.reshape(-1, x.shape[-1])
         probs, chosen, gate = route(xs, self.router, self.top_k)
         self._remember(probs, chosen, self.router)
-        y = sum(gate[:, i:i + 1].to(xs.dtype) * F.linear(xs, self.weight[i]) for i in range(self.experts))
+        # each expert computes only the tokens routed to it (k of E): E / k times less work than
+        # all of them, the same values (the others have gate 0)
+        y = xs.new_zeros(xs.shape[0], self.weight.shape[1])
+        for i, weight in enumerate(self.weight.unbind(0)):
+            rows = gate[:, i].nonzero().squeeze(1)  # a host sync: the reference need not be fast
+            y = y.index_add(0, rows, gate[rows, i:i + 1].to(xs.dtype) * F.linear(xs[rows], weight))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.weight.shape[1])
@@ -649,12 +742,12 @@ def _refuse_if_wrapped(model):
 
 
 def initial_factors(model, cfg, names, svd_device=None):
-    """{name: (A0, B0)} for the named Linears: the SVD work of add_goat, separable so
+    """{name: (A0, B0, s)} for the named Linears: the SVD work of add_goat, separable so
     that several processes can share it (each computes some layers, then all exchange)."""
     out = {}
     for name in names:
         weight = model.get_submodule(name).weight
-        out[name] = init_factors(weight, cfg, resolve_scaling(cfg, weight.shape[1]), name, svd_device)
+        out[name] = init_factors(weight, cfg, name, svd_device)
     return out
 
 
@@ -662,7 +755,7 @@ def add_goat(model, cfg, targets="all-linear", exclude=DEFAULT_EXCLUDE, svd_devi
     """Wrap the target nn.Linear modules of `model` in place with GOATLinear, freeze
     everything else, return the wrapped names. Train a head afterwards with
     `head.requires_grad_(True)`. `svd_device`: where to run the SVD inits;
-    `factors`: {name: (A0, B0)} computed beforehand (see initial_factors)."""
+    `factors`: {name: (A0, B0, s)} computed beforehand (see initial_factors)."""
     _refuse_if_wrapped(model)
     names = find_targets(model, targets, exclude)
     factors = factors or {}
@@ -710,7 +803,7 @@ def goat_state_dict(model):
                 tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
                 state[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
         state[f"{name}.fingerprint"] = mod.fingerprint
-        layers[name] = dict(asdict(mod.cfg), shape=list(mod.base.weight.shape))
+        layers[name] = dict(asdict(mod.cfg), shape=list(mod.base.weight.shape), scale=mod.expert_scales())
     if not layers:
         raise ValueError("the model has no GOAT layers; call add_goat first")
     state[CONFIG_KEY] = json.dumps({"layers": layers})
@@ -719,7 +812,7 @@ def goat_state_dict(model):
 
 def _check_adapter(model, state):
     """Every key, shape, config and base-weight fingerprint of a saved adapter against
-    `model`, before anything changes. Returns {layer name: GOATConfig}."""
+    `model`, before anything changes. Returns {layer name: (GOATConfig, s per expert)}."""
     if not isinstance(state, dict) or CONFIG_KEY not in state:
         raise ValueError(f"not a GOAT adapter: no {CONFIG_KEY!r} entry (write it with goat_state_dict)")
     layers = json.loads(state[CONFIG_KEY])["layers"]
@@ -735,7 +828,8 @@ def _check_adapter(model, state):
         if [m, n] != info["shape"]:
             raise ValueError(f"{name}: adapter was saved for a weight of shape {info['shape']}, "
                              f"this model's is {[m, n]}; load it onto its own base model")
-        cfg = cfgs[name] = GOATConfig(**{k: v for k, v in info.items() if k != "shape"})
+        cfg = GOATConfig(**{k: v for k, v in info.items() if k not in ("shape", "scale")})
+        cfgs[name] = cfg, tuple(info["scale"])
         shapes = {"lora_A": (cfg.rank, n), "lora_B": (m, cfg.rank), "lora_A0": (cfg.rank, n),
                   "lora_B0": (m, cfg.rank), "fingerprint": None}
         if cfg.experts > 1:
@@ -770,7 +864,8 @@ def load_goat_state_dict(model, state):
     def make(mod, name):
         ref = mod.weight
         A0, B0 = (state[f"{name}.{k}"].to(ref.device) for k in ("lora_A0", "lora_B0"))
-        layer = GOATLinear(mod, cfgs[name], name, factors=(A0, B0))
+        cfg, scale = cfgs[name]
+        layer = GOATLinear(mod, cfg, name, factors=(A0, B0, scale))
         with torch.no_grad():
             for key in ("lora_A", "lora_B", "lora_router"):
                 if getattr(layer, key) is not None:

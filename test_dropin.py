@@ -417,13 +417,13 @@ def test_bad_scales_and_counts_are_refused(kwargs, match):
 def test_one_lora_on_goats_segments_takes_goats_components():
     torch.manual_seed(0)
     W = torch.randn(48, 40, dtype=torch.float64)
-    goat_cfg = GOATConfig(rank=8, experts=4, top_k=2)
-    single = GOATConfig(rank=8, experts=1, top_k=1, segments=4, init_cof=1.0)
-    A_goat, B_goat = goat.init_factors(W, goat_cfg, 2.0)
-    A_one, B_one = goat.init_factors(W, single, 2.0)
+    goat_cfg = GOATConfig(rank=8, experts=4, top_k=2, scaling=2.0)
+    single = GOATConfig(rank=8, experts=1, top_k=1, segments=4, init_cof=1.0, scaling=2.0)
+    A_goat, B_goat, _ = goat.init_factors(W, goat_cfg)
+    A_one, B_one, _ = goat.init_factors(W, single)
     torch.testing.assert_close(A_one, A_goat, rtol=0, atol=0)
     torch.testing.assert_close(B_one, B_goat, rtol=0, atol=0)
-    pissa = goat.init_factors(W, GOATConfig(rank=8, experts=1, top_k=1), 2.0)[0]
+    pissa = goat.init_factors(W, GOATConfig(rank=8, experts=1, top_k=1, scaling=2.0))[0]
     assert not torch.allclose(A_one, pissa)
 
 

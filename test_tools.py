@@ -1,8 +1,10 @@
 """bench.py compares like with like; study.py tunes by its stated rule (grids that
-grow at an edge, the best mean validation score), computes its intervals right,
+grow at an edge, the best worst-task score), computes its intervals right,
 and builds its report from result files alone; requirements admit only the torch
 versions the code runs on."""
+import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -35,148 +37,98 @@ def test_time_side_by_side_runs_every_variant():
     assert calls == {"a": 5, "b": 5} and set(times) == {"a", "b"}
 
 
-def fake_result(run, val, dev=None, status="ok", curve_shift=0.0):
+def fake_result(run, val, dev=None, status="ok", majority=0.3):
     """The record study.py writes for a run, with chosen numbers."""
-    return {"id": run.id, "part": run.part, "task": run.task, "label": run.label, "lr": run.lr, "eta": run.eta,
-            "seed": run.seed, "status": status, "val": val, "dev": val if dev is None else dev, "seconds": 60.0,
-            "metric": "accuracy", "majority": {"val": 0.3, "dev": 0.3},
-            "loss_curve": [[5 * i, 1.0 - 0.01 * i + curve_shift] for i in range(1, 21)]}
+    return {"id": run.id, "part": run.part, "task": run.task, "label": run.label, "lr": run.lr,
+            "head_lr": run.head_lr, "seed": run.seed, "status": status, "val": val, "dev": val if dev is None else dev,
+            "seconds": 60.0, "metric": "accuracy", "majority": {"val": majority, "dev": majority}, "commit": "abc",
+            "loss_curve": [[5 * i, 1.0 - 0.01 * i] for i in range(1, 21)]}
 
 
-def score(label, lr, eta, task):
-    """A made-up validation score peaking at lr 1e-4 for full, 1e-3 for lora, (3e-4, eta 1) for goat."""
-    best = {"full": 1e-4, "lora": 1e-3}.get(label, 3e-4)
-    value = 0.8 - 0.05 * abs(math.log10(lr / best)) - (0.02 * abs(math.log10(eta)) if eta else 0.0)
-    return value - (0.1 if task == "cola" else 0.0)
+def score(run, best=None):
+    """A made-up validation score peaking at one lr per method (head-only: at 3e-3)."""
+    best = best or {"full": 1e-4, "head only": 3e-3}.get(run.label, 3e-4)
+    return 0.8 - 0.05 * abs(math.log10(run.lr / best)) - (0.1 if run.task == "cola" else 0.0)
 
 
-def finish(results, runs, shift=0.0):
-    for run in runs:
-        if run.id not in results:
-            results[run.id] = fake_result(run, score(run.label, run.lr, run.eta, run.task) + shift)
+def finish_study(results, make=score, rounds=12):
+    """Run every due run of the plan with made-up scores until nothing new is due."""
+    for _ in range(rounds):
+        for run in study.plan(results)[0]:
+            if run.id not in results:
+                results[run.id] = fake_result(run, make(run))
+    return results
+
+
+def test_the_selection_rule_never_picks_a_setting_that_collapses_on_one_task():
+    majority = {"docstrings": 0.2, "sst2": 0.5, "cola": 0.0}
+    scores = {1e-3: {"docstrings": 0.90, "sst2": 0.86, "cola": 0.0},    # best mean, at the majority on CoLA
+              3e-4: {"docstrings": 0.70, "sst2": 0.84, "cola": 0.20}}
+    assert statistics.mean(scores[1e-3].values()) > statistics.mean(scores[3e-4].values())
+    assert study.choose(scores, majority) == 3e-4
+    scores[1e-4] = {"docstrings": 0.0, "sst2": 0.0, "cola": -math.inf}    # diverged
+    assert study.choose(scores, majority) == 3e-4
+    assert study.choose({1: {t: 0.0 for t in majority}, 2: {t: 0.0 for t in majority}}, majority) in (1, 2)
 
 
 def test_a_grid_grows_at_its_edge_and_stops_inside(monkeypatch):
-    monkeypatch.setattr(study, "METHODS", {"full": study.Method(["--method=full"], [3e-6, 1e-5, 3e-5]),
-                                           "lora": study.Method(["--method=lora"], [3e-4, 1e-3, 3e-3])})
-    results = {}
-    for _ in range(6):  # each round finishes what the plan asks for
-        finish(results, [r for r in study.plan(results)[0] if r.part == "tune"])
-    chosen = study.plan(results)[1]
-    assert chosen == {"full": (1e-4, None), "lora": (1e-3, None)}
-    full_grid = sorted({r.lr for r in study.tuning("full", results)[0]})
-    assert full_grid == [3e-6, 1e-5, 3e-5, 1e-4, 3e-4]  # grown twice upwards, then the best is inside
-    runs = study.plan(results)[0]
-    assert {(r.task, r.seed) for r in runs if r.part == "seeds" and r.label == "lora"} == \
-        {(t, s) for t in study.TASKS for s in (1, 2)}
-    seeded = [r.label for r in runs if r.part == "seeds"]  # the paired differences' methods first
-    assert seeded == sorted(seeded, key=["lora", "full"].index) and seeded[0] == "lora"
-
-
-def test_a_diverged_setting_ranks_below_every_finished_one(monkeypatch):
-    monkeypatch.setattr(study, "METHODS", {"lora": study.Method(["--method=lora"], [3e-4, 1e-3, 3e-3])})
-    results = {}
-    for run in study.tuning("lora", results)[0]:
-        diverged = run.lr == 3e-3 and run.task == "sst2"  # one task diverged: the setting is out
-        results[run.id] = fake_result(run, {3e-4: 0.90, 1e-3: 0.95, 3e-3: 0.99}[run.lr],
-                                      status="diverged" if diverged else "ok")
-    _, pick, means = study.tuning("lora", results)
-    assert means[(3e-3, None)] == -math.inf and pick == (1e-3, None)
-
-
-def test_goat_is_tuned_over_lr_and_eta(monkeypatch):
-    monkeypatch.setattr(study, "METHODS", {"goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.1, 1.0, 10.0])})
-    results = {}
-    for _ in range(4):
-        finish(results, [r for r in study.plan(results)[0] if r.part == "tune"])
-    assert study.plan(results)[1]["goat"] == (3e-4, 1.0)
-    assert len(study.tuning("goat", results)[0]) == 9 * len(study.TASKS)
-
-
-def test_a_method_also_runs_at_its_own_best_setting_for_the_ablation_task(monkeypatch):
-    """GOAT's setting is shared by all tasks; where it lags on the ablation task, its best
-    setting there (by validation score) runs too, seeds 1-2 next to the tuning run's seed 0."""
-    monkeypatch.setattr(study, "METHODS", {"goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.1, 1.0, 10.0])})
-    monkeypatch.setattr(study, "PER_TASK", ("goat",))
-    results = {}
-    for _ in range(4):
-        finish(results, [r for r in study.plan(results)[0] if r.part == "tune"])
-    assert not [r for r in study.plan(results)[0] if r.label == "goat" and r.part == "ablation"]  # its best: the chosen
-    own = study.Run("tune", study.ABLATION_TASK, "goat", 1e-4, 0, 0.1)
-    results[own.id]["val"] = 0.75  # better than the chosen (3e-4, 1) on this task alone, not on the mean
+    monkeypatch.setattr(study, "METHODS", {"full": (["--method=full"], [3e-6, 1e-5, 3e-5])})
+    results = finish_study({})
     runs, chosen = study.plan(results)
-    assert chosen["goat"] == (3e-4, 1.0)
-    extra = [r for r in runs if r.label == "goat" and r.part == "ablation"]
-    assert [(r.task, r.lr, r.eta, r.seed) for r in extra] == [(study.ABLATION_TASK, 1e-4, 0.1, s) for s in (1, 2)]
-    for run in runs:
-        if run.id not in results:
-            results[run.id] = fake_result(run, 0.5, dev=0.25 if run in extra else 0.2)
-    results[own.id]["dev"] = 0.25
-    results[study.Run("tune", study.ABLATION_TASK, "goat", 3e-4, 0, 1.0).id]["dev"] = 0.2
-    text = study.Study(results).ablations()
-    row = next(line for line in text.splitlines() if line.startswith("| goat at its best"))
-    assert "(0.0001, eta 0.1)" in row and "| 1,2 | +5.0 [+5.0, +5.0]" in row  # seeds 1-2 (0 chose it), paired
+    assert chosen["full"] == 1e-4 and chosen["head"] == 3e-3
+    tuned = {r.lr for r in runs if r.part == "tune"}
+    assert {3e-5, 1e-4, 3e-4} <= tuned and 1e-3 not in tuned  # grown to the peak and one beyond, no further
 
 
-def test_goat_alpha_and_molora_are_compared_only_at_one_setting(monkeypatch):
-    monkeypatch.setattr(study, "METHODS", {"molora": study.Method(["--method=molora"], [3e-4, 1e-3, 3e-3]),
-                                           "goat (alpha)": study.Method(["--method=goat", "--scaling=alpha"],
-                                                                        [1e-4, 3e-4, 1e-3])})
-    results = {}
-    for _ in range(6):
-        for run in study.plan(results)[0]:
-            if run.id not in results and run.part in ("tune", "seeds"):
-                val = score(run.label, run.lr, run.eta, run.task)
-                results[run.id] = fake_result(run, val, dev=0.5 - (0.03 if run.label == "goat (alpha)" else 0.0))
-    both = study.Study(results)
-    assert both.chosen["molora"] == both.chosen["goat (alpha)"] == (3e-4, None)
-    assert "| molora | -3.0 [-3.0, -3.0] | -3.0 [-3.0, -3.0] | -3.0 [-3.0, -3.0] | -3.0 [-3.0, -3.0] (n=9) |" \
-        in both.init_at_one_setting()
-    for record in results.values():  # MoLoRA's best moves to 1e-3: the two no longer share a setting
-        if record["label"] == "molora" and record["lr"] == 1e-3:
-            record["val"] = 0.99
-    assert study.Study(results).init_at_one_setting() == ""
+def test_the_head_lr_is_chosen_first_and_shared_by_every_method(monkeypatch):
+    monkeypatch.setattr(study, "METHODS", {k: study.METHODS[k] for k in ("lora", "goat")})
+    runs, chosen = study.plan({})
+    assert {r.part for r in runs} == {"head"} and chosen == {}
+    results = finish_study({})
+    runs, chosen = study.plan(results)
+    assert chosen["head"] == 3e-3
+    assert all(r.head_lr == 3e-3 for r in runs if r.part != "head")
+    assert {r.seed for r in runs if r.part in ("head", "tune")} == {0}
+    assert {r.seed for r in runs if r.part == "seeds"} == {1, 2, 3, 4, 5}
 
 
-def test_t_interval_against_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    values = [0.012, -0.004, 0.021, 0.007, 0.015]
-    mean, half = study.t_interval(values)
-    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
-    assert half == pytest.approx(high - mean, rel=1e-3) and half == pytest.approx(mean - low, rel=1e-3)
-    for df in range(1, 31):
-        assert study.T975[df - 1] == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+def test_selection_seeds_are_never_reported(tmp_path, monkeypatch):
+    """Seed 0 chose the settings; its dev scores must not move any reported number."""
+    monkeypatch.setattr(study, "METHODS", {k: study.METHODS[k] for k in ("lora", "goat", "goat (Adam s)")})
+    results = finish_study({})
+    texts = []
+    for seed0_dev in (0.0, 1.0):
+        for record in results.values():
+            if record["seed"] == 0:
+                record["dev"] = seed0_dev
+        texts.append(study.report(study.Records(results)))
+    assert texts[0] == texts[1]
 
 
 def test_report_from_result_files_alone(tmp_path, monkeypatch):
-    """A whole synthetic study: every part reported, paired differences exact, plots written."""
-    monkeypatch.setattr(study, "METHODS", {"full": study.Method(["--method=full"], [3e-5, 1e-4, 3e-4]),
-                                           "lora": study.Method(["--method=lora"], [3e-4, 1e-3, 3e-3]),
-                                           "molora": study.Method(["--method=molora"], [3e-4, 1e-3, 3e-3]),
-                                           "goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.1, 1.0, 10.0])})
-    results = {}
-    for _ in range(8):
-        runs = study.plan(results)[0]
-        for run in runs:
-            if run.id not in results:  # GOAT 2 points above LoRA on dev at every (task, seed)
-                base = score(run.label, run.lr, run.eta, run.task) + 0.001 * run.seed
-                dev = base + (0.02 if run.label == "goat" else 0.0)
-                results[run.id] = fake_result(run, base, dev, curve_shift=0.1 if run.label == "full-moe" else 0.0)
-    goat_cola = results[study.Run("", study.ABLATION_TASK, "goat", *study.Study(results).chosen["goat"][:1], 0,
-                                  study.Study(results).chosen["goat"][1]).id]
-    goat_cola["expert_load"] = {"a": [0.5, 0.5, 0.0, 0.0], "b": [0.25, 0.25, 0.25, 0.25]}
+    """A whole synthetic study: every part reported, paired differences exact, ranks by
+    task, plots written."""
+    monkeypatch.setattr(study, "METHODS", {k: study.METHODS[k] for k in ("full", "lora", "goat", "goat (Adam s)")})
+
+    def make(run):  # GOAT (paper) 2 points above LoRA on dev at every (task, seed)
+        return score(run) + 0.001 * run.seed
+    results = finish_study({}, make)
+    for record in results.values():
+        if record["label"] == "goat":
+            record["dev"] += 0.02
     (tmp_path / "study" / "runs").mkdir(parents=True)
     for record in results.values():
-        (tmp_path / "study" / "runs" / f"{record['id']}.json").write_text(study.json.dumps(record))
+        (tmp_path / "study" / "runs" / f"{record['id']}.json").write_text(json.dumps(record))
     study.main(["--report_only", f"--results_dir={tmp_path / 'study'}"])
     text = (tmp_path / "study.md").read_text()
-    for title in ("Headline", "Paired differences", "Tuning", "eta x lr", "full MoE", "Ablations", "Total rank 8",
-                  "Compute"):
+    for title in ("Tuning", "Headline", "mean rank", "Paired differences: goat", "defaults", "Ablations",
+                  "Experts and top-k", "One LoRA from each SVD segment", "GOAT-s", "Compute"):
         assert title in text, title
-    lora_row = next(line for line in text.splitlines() if line.startswith("| lora |") and "[" in line)
-    assert "+2.0 [+2.0, +2.0]" in lora_row  # the exact 2-point difference, with a zero-width interval
-    assert "ranges 0.00-0.50" in text and "1 of 2 layers keep every expert within 0.1" in text
-    assert "under 0.01: a." in text
+    section = text.split("### Paired differences: goat\n")[1].split("###")[0]
+    lora_row = next(line for line in section.splitlines() if line.startswith("| lora |"))
+    assert lora_row.count("+2.0 [+2.0, +2.0]") == 3, lora_row  # exact, a zero-width interval, every task
+    assert "| goat | 1 | 1 | 1 | 1.00 |" in text  # first on every task
+    assert "every part of the plan has run" in text
     assert (tmp_path / "study_lr_sweep.png").exists() and (tmp_path / "study_loss_sst2.png").exists()
 
 
@@ -207,109 +159,32 @@ def test_requirements_admit_only_torch_versions_the_code_runs_on():
 def test_a_study_run_records_its_result_even_over_an_interrupted_one(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
     """The runner itself, end to end on a tiny model: a folder left by an interrupted run
     is started again, and the record holds the metrics, flags and loss curve."""
-    monkeypatch.setattr(study, "COMMON", study.COMMON + ["--max_steps=4", "--batch_size=16", "--eta=1"])
+    monkeypatch.setattr(study, "COMMON", study.COMMON + ["--max_steps=4", "--batch_size=16"])
     monkeypatch.setattr(study, "TASKS", {"sst2": (64, 16)})
     args = study.argparse.Namespace(runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"),
-                                    data_dir=str(glue_dir), code_dir=str(study.HERE), model=str(tiny_bert_dir))
-    run = study.Run("tune", "sst2", "goat", 1e-3, 0, 1.0, ("--method=goat", "--rank=8", "--experts=4"))
+                                    data_dir=str(glue_dir), model=str(tiny_bert_dir))
+    run = study.Run("tune", "sst2", "goat", 1e-3, 3e-3, 0, ("--method=goat", "--eta=1", "--rank=8", "--experts=4"))
     leftover = tmp_path / "runs" / run.id
     leftover.mkdir(parents=True)
     (leftover / "config.json").write_text("{}")
     (leftover / "ckpt.pt").write_bytes(b"torn")
     (tmp_path / "results" / "runs").mkdir(parents=True)
-    record = study.execute(run, args, "test")
+    record = study.execute(run, args, study.HERE, "test")
     assert record["status"] == "ok", record.get("log_tail")
     assert record["steps"] == 4 and len(record["loss_curve"]) == 2 and 0 <= record["val"] <= 1
+    assert "--head_lr=0.003" in record["argv"] and record["commit"] == "test"
     saved = study.load_results(tmp_path / "results")
-    assert saved[run.id]["dev"] == record["dev"] and not (leftover / "ckpt.pt").exists()
+    assert saved[run.id]["dev"] == record["dev"] and not leftover.exists()
 
 
-def test_explained_by_finds_the_number_that_decides_a_grid():
-    lrs, etas = [1e-4, 3e-4, 1e-3, 3e-3], [1e-3, 1e-2, 1e-1, 1.0, 10.0]
-    peak = lambda x: -(math.log10(x) + 3.5) ** 2  # best at lr x eta^p = 10^-3.5
-    for true_power in (1.0, 0.25):
-        points = [(lr, eta, peak(lr * eta ** true_power)) for lr in lrs for eta in etas]
-        fits = {p: study.explained_by(points, p) for p in study.INVARIANTS}
-        assert fits[true_power] == pytest.approx(1.0)
-        assert all(fits[p] < 0.9 for p in fits if p != true_power), fits
-
-
-@pytest.mark.parametrize("chosen_gain,verdict", [(0.02, "the chosen setting is better, so train.py's default should become "
-                                                       "lr 0.001, eta 0.1"),
-                                                 (0.0, "not shown better, so train.py's default should stay the paper's eta 1, "
-                                                       "with lr 0.0003")])
-def test_the_paper_eta_is_seeded_next_to_goats_choice_and_decides_the_default(monkeypatch, chosen_gain, verdict):
-    monkeypatch.setattr(study, "METHODS", {"goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.01, 0.1, 1.0])})
-
-    def val(run):  # best at (1e-3, eta 0.1); at eta 1 the best lr is 3e-4
-        if run.eta is None:  # the head-only control
-            return 0.5
-        if run.eta == 1.0:
-            return 0.7 - 0.05 * abs(math.log10(run.lr / 3e-4))
-        return 0.8 - 0.05 * abs(math.log10(run.lr / 1e-3)) - 0.05 * abs(math.log10(run.eta / 0.1))
-    results = {}
-    for _ in range(4):
-        for run in study.plan(results)[0]:
-            if run.id not in results:  # dev: the paper's eta equal to the chosen one, or chosen_gain below it
-                wobble = [0.01, -0.02, 0.015][run.seed]
-                paper = run.eta == 1.0 and run.lr == 3e-4
-                results[run.id] = fake_result(run, val(run), 0.6 + wobble - (chosen_gain if paper else 0.0))
-    assert study.plan(results)[1]["goat"] == (1e-3, 0.1) and study.paper_eta_lr(results) == 3e-4
-    seeded = {(r.lr, r.eta, r.seed) for r in study.plan(results)[0] if r.part == "seeds"}
-    assert {(3e-4, 1.0, 1), (3e-4, 1.0, 2), (1e-3, 0.1, 1), (1e-3, 0.1, 2)} <= seeded
-    text = study.Study(results).default_choice()
-    assert verdict in text, text
-
-
-def test_goats_grid_grows_around_its_best_setting_not_by_whole_rows(monkeypatch):
-    monkeypatch.setattr(study, "METHODS", {"goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.1, 1.0, 10.0])})
-
-    def val(run):  # best at (3e-3, eta 0.01), outside the starting grid
-        return 0.8 - 0.05 * abs(math.log10(run.lr / 3e-3)) - 0.05 * abs(math.log10(run.eta / 0.01))
-    results = {}
-    for _ in range(6):
-        for run in study.plan(results)[0]:
-            if run.part == "tune" and run.id not in results:
-                results[run.id] = fake_result(run, val(run))
-    grid, pick, means = study.tuning("goat", results)
-    assert pick == (3e-3, 0.01)
-    around = {(lr, eta) for lr in (1e-3, 3e-3, 1e-2) for eta in (1e-3, 1e-2, 0.1)}
-    assert around <= set(means)  # every neighbour of the choice has run
-    # 9 to start, 5 + 5 around the best twice, (3e-3, eta 1) beside the paper's eta's best lr; not 5 x 5 or more
-    assert len(means) == 9 + 5 + 5 + 1 and (1e-4, 1e-3) not in means
-
-
-def test_the_head_alone_runs_at_goats_lr_and_is_paired_with_goat(monkeypatch):
-    monkeypatch.setattr(study, "METHODS", {"goat": study.Method(["--method=goat"], [1e-4, 3e-4, 1e-3], [0.1, 1.0, 10.0])})
-    results = {}
-    for _ in range(4):
-        finish(results, [r for r in study.plan(results)[0] if r.part == "tune"])
-    lr, eta = study.plan(results)[1]["goat"]
-    control = [r for r in study.plan(results)[0] if r.part == "control"]
-    assert {(r.task, r.seed, r.lr, r.eta) for r in control} == {(t, s, lr, None) for t in study.TASKS for s in study.SEEDS}
-    import train
-    args = train.parse_args(list(control[0].flags))
-    assert args.method == "lora" and float(args.scaling) == 1e-9
-    for run in study.plan(results)[0]:  # GOAT 0.05 above the head alone on every task and seed
-        if run.id not in results and run.part in ("seeds", "control"):
-            results[run.id] = fake_result(run, 0.5, 0.55 if run.label == "goat" else 0.50 + 0.01 * run.seed)
-    for s in study.SEEDS:  # seed 0 of GOAT is its tuning run
-        for t in study.TASKS:
-            results[study.Run("tune", t, "goat", lr, 0, eta).id]["dev"] = 0.55
-    text = study.Study(results).head_only()
-    assert "| GOAT minus head only" in text and "(n=9)" in text and "Pooled over (task, seed) pairs: +4.0" in text, text
-
-
-def test_train_defaults_are_the_committed_studys_choices():
-    """train.py's default learning rates (and GOAT's eta) are what study.py chose from the
-    committed run records; this keeps the two in step as the study goes on."""
-    import train
-    found = study.Study(study.load_results(study.HERE / "results" / "study"))
-    for method in ("lora", "pissa", "milora", "molora", "full"):
-        if method in found.chosen:
-            assert train.parse_args([f"--method={method}"]).lr == found.chosen[method][0], method
-    if found.goat_default() is not None:
-        args = train.parse_args([])
-        assert (args.method, args.lr, args.eta) == ("goat", *found.goat_default())
-    assert train.parse_args(["--lr=1e-4"]).eta == 1.0  # a learning rate of one's own: the paper's eta
-    assert train.parse_args(["--scaling=alpha"]).lr == 3e-4
+def test_the_study_runs_the_code_of_its_pinned_commit(tmp_path):
+    import subprocess
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=study.HERE, capture_output=True,
+                          text=True).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "code.json").write_text(json.dumps({"commit": head}))
+    code, commit = study.pinned_code(tmp_path / "results", tmp_path / "runs")
+    assert commit == head and (code / "train.py").read_bytes() == subprocess.run(
+        ["git", "show", f"{head}:train.py"], cwd=study.HERE, capture_output=True).stdout

@@ -34,6 +34,22 @@ def test_every_method_trains_and_its_loss_falls(method, tiny_bert_dir, glue_dir,
     assert (tmp_path / ("model.safetensors" if method.startswith("full") else "adapter.safetensors")).exists()
 
 
+def test_the_head_learns_at_its_own_rate(tiny_bert_dir, glue_dir, tmp_path):
+    """--head_lr: the head's parameter group alone; the adapters keep --lr."""
+    from safetensors.torch import load_file
+    saved = {}
+    for head_lr in ("1e-9", "5e-2"):
+        out = tmp_path / head_lr
+        train.main(common(tiny_bert_dir, out, "--task=sst2", f"--data_dir={glue_dir}", "--method=lora", "--rank=4",
+                          "--batch_size=16", "--max_steps=3", "--lr=1e-9", f"--head_lr={head_lr}", "--warmup=0"))
+        saved[head_lr] = load_file(out / "adapter.safetensors")
+    heads = [k for k in saved["1e-9"] if k.startswith("head.")]
+    lora_B = [k for k in saved["1e-9"] if k.endswith(".lora_B")]
+    assert heads and lora_B
+    assert max((saved["5e-2"][k] - saved["1e-9"][k]).abs().max() for k in heads) > 1e-2
+    assert max(saved[h][k].abs().max() for h in saved for k in lora_B) < 1e-7  # B0 = 0, 3 steps at 1e-9
+
+
 # --- GLUE parsing and metrics ---------------------------------------------------------
 
 GLUE_FIXTURES = {  # task: (header or None, one row, expected (text, text_pair, label))
@@ -182,6 +198,29 @@ def test_docstring_task_is_real_balanced_enough_and_split_cleanly():
         assert any(ex["label"] == label for ex in dev)
     assert data.load_docstrings().train == task.train  # deterministic
     assert task.majority_baseline()["dev"]["accuracy"] < 0.3
+
+
+def test_docstring_task_does_not_depend_on_what_is_imported():
+    """transformers adds methods (info_once, ...) to logging.Logger: they are not the
+    standard library's, and the task is the same with or without them."""
+    code = "import data; t = data.load_task('docstrings'); print(len(t.train) + len(t.evals['dev']), t.fingerprint())"
+    plain = run_script([sys.executable, "-c", code])
+    loaded = run_script([sys.executable, "-c", "import logging, transformers, torch; from transformers import "
+                         "AutoModel; assert hasattr(logging.Logger, 'warning_once'); " + code])
+    assert plain.returncode == 0 and loaded.returncode == 0, plain.stderr + loaded.stderr
+    assert plain.stdout.split()[-2:] == loaded.stdout.split()[-2:]
+
+
+def test_rows_split_on_newlines_only(tmp_path):
+    """U+2028, \\x0b, \\x0c, \\x1c-\\x1e and \\x85 may sit inside a sentence: str.splitlines would
+    cut the row there and train the tail with its label."""
+    (tmp_path / "SST-2").mkdir()
+    odd = ["a\u2028b", "c\x0bd", "e\x0cf", "g\x1ch", "i\x1dj", "k\x1el", "m\x85n"]
+    rows = "".join(f"{text} good\t1\r\n" for text in odd)
+    (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\r\n" + rows, newline="")
+    (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    task = data.load_task("sst2", tmp_path)
+    assert [ex["text"] for ex in task.train] == [f"{text} good" for text in odd]
 
 
 # --- bad input ------------------------------------------------------------------------

@@ -42,12 +42,12 @@ METHODS = ("goat", "molora", "lora", "pissa", "milora", "full", "full-moe")
 ADAPTER_METHODS = tuple(goat.PRESETS)
 # What an adapter is: taken from --adapter's own run unless given, and never
 # allowed to differ from the checkpoint on --resume.
-ADAPTER_FLAGS = ("method", "rank", "alpha", "experts", "top_k", "init", "segments", "scaling", "eta", "rho",
-                 "init_cof", "targets", "lora_dropout")
+ADAPTER_FLAGS = ("method", "rank", "alpha", "experts", "top_k", "init", "segments", "segment", "per_expert_scale",
+                 "scaling", "eta", "rho", "init_cof", "targets", "lora_dropout")
 RESUME_FLAGS = ADAPTER_FLAGS + ("model", "task", "train_sets", "val_examples", "max_train_examples", "fsdp")
 # The schedule and data order: a resume may change them only with --allow_resume_changes.
-SCHEDULE_FLAGS = ("world_size", "global_batch", "seed", "lr", "epochs", "max_steps", "warmup", "max_len", "dtype",
-                  "balance_coef", "grad_clip")
+SCHEDULE_FLAGS = ("world_size", "global_batch", "seed", "lr", "head_lr", "epochs", "max_steps", "warmup", "max_len",
+                  "dtype", "balance_coef", "grad_clip")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # GOAT's default: study.py's best (lr, eta) on its validation splits, better than the paper's
 # eta 1 (at its best lr, 3e-4) over 3 tasks x 3 seeds (README, "train.py's default for GOAT")
@@ -89,7 +89,9 @@ def build_parser():
     a("--top_k", type=int, default=None, help="default: the method's preset (2 for goat, molora, full-moe)")
     a("--init", default=None, choices=goat.INITS, help="adapter init (default: the method's preset)")
     a("--segments", type=int, default=None, help="goat/goat_mini init: spectrum segments (default: experts)")
-    a("--scaling", default=None, help="paper | alpha | rslora | a number (default: the method's preset)")
+    a("--segment", type=int, default=None, help="goat init, one expert: an adapter from this segment alone (Fig. 1)")
+    a("--per_expert_scale", action="store_true", help="GOAT-s: s_i = s sqrt(sigma_1 / sigma_i) per SVD segment")
+    a("--scaling", default=None, help="paper | adam | alpha | rslora | a number (default: the method's preset)")
     a("--eta", type=float, default=None,
       help="paper scaling: lr_full / lr_lora (default: 1e-5 for goat at its default lr, study.py's choice; else the "
            "paper's 1; the paper uses 0.1 for LLaMA at lr 1e-4)")
@@ -100,6 +102,7 @@ def build_parser():
     a("--targets", default="all-linear", help="all-linear, or comma-separated module name suffixes")
     a("--lr", type=float, default=None,
       help="default: 3e-3 for goat (with eta 1e-5), 3e-4 for other adapters, 1e-4 for full methods (study.py's choices)")
+    a("--head_lr", type=float, default=None, help="learning rate of the task heads (default: --lr)")
     a("--batch_size", type=int, default=32, help="micro-batch per process")
     a("--grad_accum", type=int, default=1)
     a("--epochs", type=float, default=3.0)
@@ -167,14 +170,15 @@ def adopt_adapter_flags(args, given, fail):
 
 def check_flags(args, fail):
     """Counts, rates and scales that would train silently wrong, or crash later."""
-    at_least = {"rank": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "ckpt_every": 1, "workers": 0,
+    at_least = {"segment": 0, "rank": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "ckpt_every": 1, "workers": 0,
                 "max_new_tokens": 1, "max_steps": 0, "eval_every": 0, "val_examples": 0, "max_len": 1,
                 "max_train_examples": 1, "max_eval_examples": 1, "experts": 1, "top_k": 1, "segments": 1}
     for name, low in at_least.items():
         value = getattr(args, name)
         if value is not None and value < low:
             fail(f"--{name}={value} must be at least {low}")
-    intervals = {"lr": ("(0, 1]", lambda v: 0 < v <= 1), "lora_dropout": ("[0, 1)", lambda v: 0 <= v < 1)}
+    intervals = {"lr": ("(0, 1]", lambda v: 0 < v <= 1), "lora_dropout": ("[0, 1)", lambda v: 0 <= v < 1),
+                 "head_lr": ("(0, 1]", lambda v: v is None or 0 < v <= 1)}
     for name in ("epochs", "warmup", "grad_clip", "balance_coef"):
         intervals[name] = ("[0, inf)", lambda v: 0 <= v < math.inf)
     for name, (interval, ok) in intervals.items():
@@ -229,8 +233,9 @@ def parse_args(argv=None):
 
 
 def method_config(args):
-    overrides = dict(rank=args.rank, alpha=args.alpha, eta=args.eta, dropout=args.lora_dropout)
-    for name in ("experts", "top_k", "init", "segments", "scaling", "rho", "init_cof"):
+    overrides = dict(rank=args.rank, alpha=args.alpha, eta=args.eta, dropout=args.lora_dropout,
+                     per_expert_scale=args.per_expert_scale)
+    for name in ("experts", "top_k", "init", "segments", "segment", "scaling", "rho", "init_cof"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return goat.preset(args.method, **overrides)
@@ -610,14 +615,17 @@ def shared_factors(model, cfg, targets, exclude, env):
         owner = i % env.world
         m, n = model.get_submodule(name).weight.shape
         if owner == env.rank:
-            A0, B0 = (f.to(env.device) for f in mine[name])
+            A0, B0 = (f.to(env.device) for f in mine[name][:2])
+            scale = torch.tensor(mine[name][2], dtype=torch.float64, device=env.device).reshape(-1)
+            scale = scale.expand(cfg.experts).contiguous()
         else:
             dtype = torch.float64 if model.get_submodule(name).weight.dtype == torch.float64 else torch.float32
             A0, B0 = torch.empty(cfg.rank, n, dtype=dtype, device=env.device), \
                 torch.empty(m, cfg.rank, dtype=dtype, device=env.device)
-        dist.broadcast(A0, src=owner)
-        dist.broadcast(B0, src=owner)
-        factors[name] = (A0, B0)
+            scale = torch.empty(cfg.experts, dtype=torch.float64, device=env.device)
+        for tensor in (A0, B0, scale):
+            dist.broadcast(tensor, src=owner)
+        factors[name] = (A0, B0, tuple(scale.tolist()))
     return factors
 
 
@@ -1166,13 +1174,13 @@ def build_model(args, env, task, tokenizer, dtype, state):
     return model, heads, routed
 
 
-def learning_rate(step, args, max_steps):
-    """Linear warmup, then cosine decay to zero."""
+def learning_rate(step, peak, args, max_steps):
+    """Linear warmup to `peak`, then cosine decay to zero."""
     warmup = warmup_steps(args.warmup, max_steps)
     if step < warmup:
-        return args.lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, max_steps - warmup)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def log_step(path, done, max_steps, values, lr, tokens, seconds, left, raw_model, args):
@@ -1277,7 +1285,10 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
         seed_per_rank(args.seed, env.rank)
     model = wrap_for_training(raw_model, args, env)
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    head = {id(p) for p in head_parameters(raw_model, heads).values()}  # a fresh head learns at rates of its own
+    groups = [{"params": [p for p in params if id(p) not in head], "peak_lr": args.lr},
+              {"params": [p for p in params if id(p) in head], "peak_lr": args.head_lr or args.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=0.0)
 
     # --- schedule: a global batch is batch_size * grad_accum * processes examples
     batches = Batches(train_items, args, env, collate)
@@ -1291,6 +1302,8 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
             load_full_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
         else:
             optimizer.load_state_dict(ckpt["optimizer"])
+        for group, fresh in zip(optimizer.param_groups, [g for g in groups if g["params"]]):
+            group["peak_lr"] = fresh["peak_lr"]  # --allow_resume_changes may have changed it
         start_step = ckpt["step"]
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -1308,9 +1321,9 @@ def run(args, env, out_dir, ckpt, dtype, autocast, scaler):
     tokens, skipped = 0, []
     try:
         for step in range(start_step, max_steps):
-            lr = learning_rate(step, args, max_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = learning_rate(step, group["peak_lr"], args, max_steps)
+            lr = optimizer.param_groups[0]["lr"]
             micro_batches = [next(stream) for _ in range(args.grad_accum)]
             task_loss, balance, grad_norm, n_tokens, unread = train_step(model, raw_model, micro_batches, optimizer,
                                                                          scaler, params, args, env, autocast, routed)
