@@ -44,10 +44,11 @@ def accuracy(preds, golds):
 def matthews_corr(preds, golds):
     """Matthews correlation for binary labels (CoLA); 0 when a row of the confusion matrix is empty."""
     p, g = np.asarray(preds), np.asarray(golds)
-    tp, tn = np.sum((p == 1) & (g == 1)), np.sum((p == 0) & (g == 0))
-    fp, fn = np.sum((p == 1) & (g == 0)), np.sum((p == 0) & (g == 1))
-    denom = math.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
-    return float((tp * tn - fp * fn) / denom) if denom else 0.0
+    # counts as Python floats: the product of four int64 counts overflows past ~110k examples
+    tp, tn = float(np.sum((p == 1) & (g == 1))), float(np.sum((p == 0) & (g == 0)))
+    fp, fn = float(np.sum((p == 1) & (g == 0))), float(np.sum((p == 0) & (g == 1)))
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom else 0.0
 
 
 def f1_positive(preds, golds):
@@ -57,11 +58,44 @@ def f1_positive(preds, golds):
     return float(2 * precision * recall / (precision + recall)) if tp else 0.0
 
 
+def _finite(values, what):
+    """values as a float array; a NaN or infinity stops here, named, rather than
+    becoming a NaN metric (which is not valid JSON)."""
+    values = np.asarray(values, dtype=float).reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise ValueError(f"{len(bad)} of {len(values)} {what} are not finite numbers (the first, "
+                         f"#{bad[0]}, is {values[bad[0]]}); a correlation over them is undefined")
+    return values
+
+
+def _unit(x):
+    """x centred and scaled to length 1; None when constant. Scaled to its largest value
+    before and after centring, so that neither squares near 1e308 overflow nor
+    residuals near 1e-170 underflow to a zero norm (then 0/0 = NaN)."""
+    if x.min() == x.max():  # exact test: a constant's float mean may leave 1e-17 residuals
+        return None
+    x = x / np.abs(x).max()
+    x = x - x.mean()
+    x = x - x.mean()  # again: removes the first mean's rounding, which matters when values differ by an ulp
+    top = np.abs(x).max()
+    if top == 0:  # distinct values that the scaling rounded together
+        return None
+    x = x / top
+    return x / math.sqrt(float(np.dot(x, x)))
+
+
 def pearson(preds, golds):
-    p, g = np.asarray(preds, dtype=float), np.asarray(golds, dtype=float)
-    if p.std() == 0 or g.std() == 0:
+    """Pearson correlation (STS-B); 0 for fewer than two pairs or a constant side, where it is undefined."""
+    p, g = _finite(preds, "predictions"), _finite(golds, "gold scores")
+    if len(p) != len(g):
+        raise ValueError(f"{len(p)} predictions for {len(g)} gold scores")
+    if len(p) < 2:
         return 0.0
-    return float(np.corrcoef(p, g)[0, 1])
+    p, g = _unit(p), _unit(g)
+    if p is None or g is None:
+        return 0.0
+    return float(np.clip(np.dot(p, g), -1.0, 1.0))
 
 
 def _ranks(values):
@@ -81,7 +115,7 @@ def _ranks(values):
 
 
 def spearman(preds, golds):
-    return pearson(_ranks(preds), _ranks(golds))
+    return pearson(_ranks(_finite(preds, "predictions")), _ranks(_finite(golds, "gold scores")))
 
 
 METRICS = {
@@ -100,14 +134,19 @@ class Task:
     evals: dict               # eval set name -> examples
     metric: str               # key of METRICS (generation: accuracy)
     labels: list = field(default_factory=list)  # class names, for classification
-    unreadable: int = 0       # image files left out when the task was read
+    unreadable: int = 0       # image files left out when the task was read, all sets together
+    unreadable_by_set: dict = field(default_factory=dict)  # the same per set: {"train": n, "dev": m}
 
     @property
     def num_labels(self):
         return 1 if self.kind == "regression" else len(self.labels)
 
     def score(self, preds, golds):
-        return METRICS[self.metric](preds, golds)
+        values = METRICS[self.metric](preds, golds)
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:  # json.dumps would write NaN, which no JSON reader accepts
+            raise ValueError(f"{self.name}: metric(s) {bad} are not finite numbers")
+        return values
 
     @property
     def main_metric(self):
@@ -120,13 +159,30 @@ class Task:
                                       default=str).encode())
         return h.hexdigest()[:12]
 
-    def majority_baseline(self):
+    def majority_baseline(self, scored=None):
         """Each eval set's metric when always predicting the commonest training label
-        (its mean for regression)."""
+        (its mean for regression). `scored` ({eval set name: indices of the examples the
+        metric counted}) restricts those sets to the same examples as the metric, which
+        leaves out images that fail to decode at evaluation."""
         golds = [ex["label"] for ex in self.train]
         guess = float(np.mean(golds)) if self.kind == "regression" else Counter(golds).most_common(1)[0][0]
-        return {name: self.score([guess] * len(exs), [ex["label"] for ex in exs])
-                for name, exs in self.evals.items()}
+        scored = scored or {}
+        unknown = sorted(set(scored) - set(self.evals))
+        if unknown:
+            raise ValueError(f"majority_baseline: scored names {unknown}, not eval sets of {self.name} "
+                             f"({sorted(self.evals)})")
+        baselines = {}
+        for name, exs in self.evals.items():
+            if name in scored:
+                kept = sorted(set(scored[name]))
+                if not kept:  # a baseline over nothing would be reported as a number
+                    raise ValueError(f"majority_baseline: no example of {name!r} was scored")
+                if kept[0] < 0 or kept[-1] >= len(exs):
+                    raise ValueError(f"majority_baseline: {name!r} has {len(exs)} examples; "
+                                     f"scored index {kept[0] if kept[0] < 0 else kept[-1]} is out of range")
+                exs = [exs[i] for i in kept]
+            baselines[name] = self.score([guess] * len(exs), [ex["label"] for ex in exs])
+        return baselines
 
 
 # ----------------------------------------------------------------------------------
@@ -208,6 +264,9 @@ def read_glue_tsv(path, columns, labels):
             except ValueError:
                 bad.append((line_no, f"score {raw!r} is not a number"))
                 continue
+            if not math.isfinite(label):  # not a skippable typo: it would poison the loss or the metric
+                raise ValueError(f"{path}:{line_no}: score {raw!r} is not a finite number; "
+                                 f"give it a real score or delete the row")
         elif raw in labels:
             label = labels.index(raw)
         else:
@@ -249,7 +308,30 @@ def format_prompt(example):
                          input=f"### Input:\n{example['input']}\n\n" if has_input else "")
 
 
+JSON_TYPES = {dict: "an object", list: "an array", bool: "a boolean", int: "a number", float: "a number",
+              str: "a string", type(None): "null"}
+
+
+def _answer_text(value, where):
+    """The gold answer as the text extract_answer matches: a JSON boolean is the word
+    it means (str(True) is "True", which no generated "true" matches), a number its
+    digits (an integral 3.0 is "3"); null stays None for the caller's check."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):  # json.loads reads NaN and Infinity too
+        return str(int(value)) if value.is_integer() else repr(value)
+    raise ValueError(f"{where}: answer is {JSON_TYPES.get(type(value), type(value).__name__)} "
+                     f"({json.dumps(value)[:60]}); give it as a string (\"true\", \"option1\", \"B\", \"42\")")
+
+
 def read_instruct_json(path):
+    """Examples of an instruction set: a JSON list of {instruction, input, output, answer};
+    instruction and output strings, input a string or null (or absent), answer a string,
+    boolean or number. Errors name the file, the item and the field."""
     path = Path(path)
     text = read_text(path, "instruction sets live at <data_dir>/<set>/train.json and test.json")
     try:
@@ -265,14 +347,19 @@ def read_instruct_json(path):
         missing = [k for k in ("instruction", "output", "answer") if not isinstance(row, dict) or k not in row]
         if missing:
             raise ValueError(f"{path}: item {i} lacks {missing}; each item needs instruction, input, output, answer")
+        for k in ("instruction", "input", "output"):  # anything else would be trained as its Python repr
+            if row.get(k) is not None and not isinstance(row[k], str):
+                raise ValueError(f"{path}: item {i}: {k} is {JSON_TYPES.get(type(row[k]), type(row[k]).__name__)} "
+                                 f"({json.dumps(row[k])[:60]}); it must be a string")
+        # a null input means none
+        row = dict(row, input=row.get("input") or "", answer=_answer_text(row["answer"], f"{path}: item {i}"))
         empty = [k for k in ("instruction", "output", "answer") if row[k] is None] + \
-            [k for k in ("instruction", "answer") if row[k] is not None and str(row[k]).strip() == ""]
+            [k for k in ("instruction", "answer") if row[k] is not None and row[k].strip() == ""]
         if empty:  # str(None) would train on the text "None"
             raise ValueError(f"{path}: item {i} has a null or empty {empty}; instruction and answer need text, "
                              f"output a string")
-        row = dict(row, input=row.get("input") or "")  # a null input means none
-        examples.append({"prompt": format_prompt(row), "response": str(row["output"]).strip(),
-                         "label": str(row["answer"]).strip()})
+        examples.append({"prompt": format_prompt(row), "response": row["output"].strip(),
+                         "label": row["answer"].strip()})
     return examples
 
 
@@ -417,7 +504,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 def image_examples(folder, classes):
     """([{image: path, label}] of folder/<class>/<file>, classes in the training set's
-    order; the files whose header is unreadable, left out here and named)."""
+    order; the count of files whose header is unreadable, left out here and named)."""
     from PIL import Image
     examples, unreadable = [], []
     for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
@@ -433,8 +520,11 @@ def image_examples(folder, classes):
     if unreadable:
         print(f"{folder}: skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}"
               + (" ..." if len(unreadable) > 5 else ""))
-    if not examples:
-        raise ValueError(f"{folder}: no images (looked for {sorted(IMAGE_SUFFIXES)} in its class folders)")
+    if not examples:  # for an evaluation set: no metric over nothing
+        found = f"all {len(unreadable)} image files are unreadable" if unreadable else \
+            f"looked for {sorted(IMAGE_SUFFIXES)} in its class folders"
+        raise ValueError(f"{folder}: no images that can be read ({found}); put readable images in "
+                         f"{folder}/<class>/")
     return examples, len(unreadable)
 
 
@@ -453,9 +543,14 @@ def load_images(data_dir):
     if evaluation is None:
         raise FileNotFoundError(f"{root}: no test/ or val/ folder; {layout}")
     (train, bad_train), (dev, bad_dev) = image_examples(root / "train", classes), image_examples(evaluation, classes)
-    task = Task("images", "image", train, {"dev": dev}, "accuracy", classes)
-    task.unreadable = bad_train + bad_dev
-    return task
+    # a class folder with nothing readable would be a label the model never sees trained
+    counts = Counter(ex["label"] for ex in train)
+    empty = [str(root / "train" / name) for i, name in enumerate(classes) if not counts[i]]
+    if empty:
+        raise ValueError(f"{', '.join(empty)}: class folder(s) with no readable image under train/; "
+                         f"add images or remove the folder(s)")
+    return Task("images", "image", train, {"dev": dev}, "accuracy", classes, unreadable=bad_train + bad_dev,
+                unreadable_by_set={"train": bad_train, "dev": bad_dev})
 
 
 def read_images(items):

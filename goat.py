@@ -6,33 +6,39 @@ factor that aligns it with a fully fine-tuned mixture of experts.
     Values and Mixture-of-Experts Optimization Alignment", ICML 2025,
     arXiv:2502.16894. Authors' code: github.com/Facico/GOAT-PEFT.
 
-One file, PyTorch only. Where each piece of the paper lives:
+One file, PyTorch only (2.2+). The method comes first, in this order:
 
-- Routing (Sec. 3.1): `route` - float32 router logits, softmax, top-k,
-  renormalised gate G (T x E, k non-zeros per row summing to one).
-- MoE forward y = W_res x + s * sum_i G_i(x) B_i A_i x: `GOATLinear.forward`,
-  computed densely as one rank-r LoRA, B ((A x) * expand(G)). `moe_loop_forward`
-  is the per-expert loop of the authors' code, kept as the readable reference.
-- SVD-segment init ("O" in the paper, Sec. 3.2) and PiSSA / MiLoRA / LoRA inits:
-  `init_factors`. s B_i A_i = U_i S_i Vh_i / rho.
-- Residual W_res = W0 - c s sum_i B_i A_i, c = 1/E (Thm. 3.4): `GOATLinear.__init__`.
-- Scaling factor s = sqrt(3 eta n / d) (Thm. 3.5): `scaling_factor`.
+- Hyperparameters: `GOATConfig`; LoRA, PiSSA, MiLoRA and MoLoRA are `PRESETS` of the same layer.
+- Scaling factor s = sqrt(3 eta n / d) (Thm. 3.5): `scaling_factor`. Its counterpart
+  under Adam (ours, not the paper's): `adam_scaling_factor`.
+- SVD-segment init ("O" in the paper, Sec. 3.2) and the PiSSA / MiLoRA / LoRA inits:
+  `svd_indices` (which singular components each expert gets) and `init_factors`,
+  with s B_i A_i = U_i S_i Vh_i / rho.
+- Routing (Sec. 3.1): `route` - float32 router logits, softmax, top-k, and the gate G
+  (T x E, k non-zeros per row summing to one).
+- The layer y = W_res x + s B ((A drop(x)) * expand(G)): `GOATLinear`. All experts
+  are computed densely as one rank-r LoRA. Its __init__ writes the residual
+  W_res = W0 - c s sum_i B_i A_i, c = 1/E (Thm. 3.4).
 - Load-balancing loss (Switch Transformer form, Sec. 3.3): `balance_loss`.
-- The reference it is aligned with, an upcycled fully fine-tuned MoE: `UpcycledMoE`.
+- Into a model and out again: `add_goat`, `remove_goat`.
+- References: the per-expert loop of the authors' code (`moe_loop_forward`), and
+  the model GOAT aligns with, an upcycled fully fine-tuned MoE (`UpcycledMoE`,
+  `add_upcycled_moe`).
 
 The adapter cannot be merged into the base weight: routing depends on the input.
 
-Around the method, what makes it safe to drop into any model: `find_targets`
-leaves alone the Linears it must not wrap (tied weights, output embeddings,
-nn.MultiheadAttention's, already wrapped ones); routing statistics are read once
-by `balance_loss` and hold no graph outside training (deepcopy, LayerDrop,
-checkpointing); adapters stay float32 under `model.to(bf16)`; under autocast
-`_AutocastInput` keeps one low-precision copy of the input for backward; adapters
-carry their initial factors and base-weight fingerprints (`goat_state_dict`), and
-`load_goat_state_dict` checks all of it before changing anything. Runs on torch 2.2+.
+Below the banner is what makes the layer cheap and safe to drop into any model:
+mixed precision and torch.compile (under autocast, `_AutocastInput` keeps one
+low-precision copy of the input for backward; adapters stay float32 under
+model.to(bf16)); drop-in safety (`find_targets` leaves alone the Linears it must
+not wrap: tied or aliased weights, output embeddings, nn.MultiheadAttention's);
+and adapters on disk (`goat_state_dict` carries the initial factors and
+base-weight fingerprints; `load_goat_state_dict` checks all of it before it
+changes anything).
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import zlib
@@ -42,11 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-INITS = ("goat", "goat_mini", "goat_random", "pissa", "milora", "lora")
-SVD_INITS = ("goat", "goat_mini", "goat_random", "pissa", "milora")
-SCALINGS = ("paper", "adam", "alpha", "rslora")
-# Modules that "all-linear" leaves alone: task heads, which are trained in full.
-DEFAULT_EXCLUDE = ("classifier", "lm_head", "score", "qa_outputs")
+# ---------------------------------------------------------------------------------
+# Hyperparameters
 
 
 @dataclass
@@ -55,7 +58,7 @@ class GOATConfig:
     experts: int = 8          # E
     top_k: int = 2            # k
     init: str = "goat"        # one of INITS
-    scaling: object = "paper"  # "paper" | "adam" | "alpha" | "rslora" | a number
+    scaling: object = "paper"  # one of SCALINGS, or a number (s itself)
     alpha: float = None       # for "alpha" (s = alpha / d) and "rslora" (s = alpha / sqrt(d))
     eta: float = 1.0          # lr_full / lr_lora, for "paper" and "adam" scaling
     rho: float = 10.0         # SVD inits put S / rho into the adapter
@@ -66,46 +69,7 @@ class GOATConfig:
     per_expert_scale: bool = False  # GOAT-s (Appendix E): s_i = s sqrt(sigma_1 / sigma_i), SVD inits
 
     def __post_init__(self):
-        """Refuse what would train silently wrong: a zero, negative or NaN scale gives an
-        all-NaN or frozen adapter; a rank that experts do not divide has no expert layout."""
-        if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
-        numeric = isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool)
-        if not numeric and self.scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling {self.scaling!r}; choose one of {SCALINGS} or a number")
-        if self.scaling in ("alpha", "rslora") and self.alpha is None:
-            raise ValueError(f"scaling={self.scaling!r} needs alpha (e.g. alpha=2*rank)")
-        for name in ("rank", "experts", "top_k", "segments"):
-            value = getattr(self, name)
-            if not (value is None and name == "segments") and (isinstance(value, bool) or not isinstance(value, int)
-                                                               or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        positive = {"rho": self.rho, "eta": self.eta if self.scaling in ("paper", "adam") else 1.0,
-                    "alpha": self.alpha if self.scaling in ("alpha", "rslora") else 1.0,
-                    "scaling": self.scaling if numeric else 1.0}
-        for name, value in positive.items():
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive finite number")
-        if self.init_cof is not None and not (isinstance(self.init_cof, (int, float)) and math.isfinite(self.init_cof)
-                                              and self.init_cof >= 0):
-            raise ValueError(f"init_cof={self.init_cof!r} must be a finite number >= 0 (None means 1/experts)")
-        if self.rank % self.experts:
-            raise ValueError(f"rank {self.rank} is not divisible by experts {self.experts}: "
-                             f"each expert gets rank/experts components; pick e.g. rank={self.experts * max(1, self.rank // self.experts)}")
-        if self.segments is not None and self.rank % self.segments and self.segment is None:
-            raise ValueError(f"segments {self.segments} must divide rank {self.rank}")
-        if self.segment is not None and (self.init != "goat" or self.experts != 1 or isinstance(self.segment, bool)
-                                         or not isinstance(self.segment, int)
-                                         or not 0 <= self.segment < self.n_segments):
-            raise ValueError(f"segment={self.segment!r}: one adapter (experts=1, init='goat') from segment "
-                             f"0 .. segments-1 (segments={self.n_segments})")
-        if self.per_expert_scale and (self.init not in SVD_INITS or self.scaling == "adam"):
-            raise ValueError("per_expert_scale (GOAT-s) rescales the paper's or alpha scaling per SVD segment: "
-                             "it needs an SVD init, and 'adam' scaling is per expert already")
-        if not 1 <= self.top_k <= self.experts:
-            raise ValueError(f"top_k {self.top_k} must lie in [1, experts={self.experts}]")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout {self.dropout} must lie in [0, 1)")
+        _check_config(self)  # in "drop-in safety" below: the one place these ranges are checked
 
     @property
     def expert_rank(self):
@@ -135,6 +99,12 @@ def preset(method, **overrides):
     if method not in PRESETS:
         raise ValueError(f"unknown method {method!r}; choose one of {tuple(PRESETS)}")
     return GOATConfig(**{**PRESETS[method], **overrides})
+
+
+# ---------------------------------------------------------------------------------
+# The scaling factor s (Thm. 3.5)
+
+SCALINGS = ("paper", "adam", "alpha", "rslora")
 
 
 def scaling_factor(n, d, eta=1.0):
@@ -192,6 +162,25 @@ def resolve_scaling(cfg, n):
     return float(cfg.scaling)
 
 
+def expert_scales(cfg, m, n, S_chosen):
+    """s per expert (a tuple of E floats) for scales that depend on the spectrum: "adam"
+    with an SVD init, and GOAT-s. S_chosen: the singular values given to the experts."""
+    sums = S_chosen.double().view(cfg.experts, -1).sum(dim=1)
+    sums = sums.clamp_min(max(float(sums.max()), 1.0) * 1e-12)  # a zero segment: any s (its factors are 0)
+    if cfg.scaling == "adam":
+        return tuple(adam_scaling_factor(m, n, cfg.eta, sigma_sum=float(x), rho=cfg.rho) for x in sums)
+    s = resolve_scaling(cfg, n)  # GOAT-s: expert 1 keeps s, s_i^2 sigma_i is the same for all
+    return tuple(s * math.sqrt(float(sums[0]) / float(x)) for x in sums)
+
+
+# ---------------------------------------------------------------------------------
+# Initialisation (Sec. 3.2): which part of W0 each expert starts from. A new init
+# is a name here and a branch in svd_indices (an SVD slice) or init_factors (any other).
+
+INITS = ("goat", "goat_mini", "goat_random", "pissa", "milora", "lora")
+SVD_INITS = ("goat", "goat_mini", "goat_random", "pissa", "milora")
+
+
 def svd_indices(init, h, rank, segments, segment=None, generator=None):
     """Singular-value indices given to the experts, concatenated expert by expert.
     goat/goat_mini cut the spectrum into `segments` equal parts (one per expert);
@@ -214,36 +203,39 @@ def svd_indices(init, h, rank, segments, segment=None, generator=None):
     raise ValueError(f"{init!r} is not an SVD init")
 
 
-def expert_scales(cfg, m, n, S_chosen):
-    """s per expert (a tuple of E floats) for scales that depend on the spectrum: "adam"
-    with an SVD init, and GOAT-s. S_chosen: the singular values given to the experts."""
-    sums = S_chosen.double().view(cfg.experts, -1).sum(dim=1)
-    sums = sums.clamp_min(max(float(sums.max()), 1.0) * 1e-12)  # a zero segment: any s (its factors are 0)
-    if cfg.scaling == "adam":
-        return tuple(adam_scaling_factor(m, n, cfg.eta, sigma_sum=float(x), rho=cfg.rho) for x in sums)
-    s = resolve_scaling(cfg, n)  # GOAT-s: expert 1 keeps s, s_i^2 sigma_i is the same for all
-    return tuple(s * math.sqrt(float(sums[0]) / float(x)) for x in sums)
-
-
 def _random_generator(name):
     """goat_random's components: the same on every process (the seed and the layer's name)."""
     return torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 63)
 
 
+def adapter_dtype(weight):
+    """Adapters train in float32 (float64 on a float64 base): AdamW steps on bf16 weights round away."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def linear_init(rows, cols, dtype, device):
+    """nn.Linear's default init, U(-1/sqrt(cols), 1/sqrt(cols)), for LoRA's A and the routers.
+    Drawn on the CPU from the global generator, then moved: one seed gives the same values
+    on every device (a CUDA generator draws other numbers) and with or without FSDP
+    (which adds the adapter while the model still waits on the CPU)."""
+    t = torch.empty(rows, cols, dtype=dtype)
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+    return t.to(device)
+
+
 def init_factors(weight, cfg, name="layer", svd_device=None):
-    """Initial (A0, B0, s): r x n and m x r, float32 (float64 for float64 weights), on
-    the weight's device, and the scaling s (a float, or a tuple with one per expert).
-    `svd_device` (e.g. "cuda") factorises there instead: one layer at a time, so a
-    model kept on the CPU is initialised at GPU speed."""
-    if svd_device is not None and cfg.init in SVD_INITS:
-        A, B, s = init_factors(weight.to(svd_device), cfg, name)
-        return A.to(weight.device), B.to(weight.device), s
+    """Initial (A0, B0, s): r x n and m x r, in adapter_dtype, on the weight's device, and
+    the scaling s (a float, or a tuple with one per expert). `svd_device` (e.g. "cuda")
+    factorises there instead: one layer at a time, so a model kept on the CPU is
+    initialised at GPU speed."""
     m, n = weight.shape
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    if cfg.init == "lora":  # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(n), 1/sqrt(n)), B = 0
-        A = torch.empty(cfg.rank, n, dtype=dtype, device=weight.device)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        return A, torch.zeros(m, cfg.rank, dtype=dtype, device=weight.device), resolve_scaling(cfg, n)
+    dtype, device = adapter_dtype(weight), weight.device
+    if cfg.init == "lora":  # A as nn.Linear's init, B = 0: W0 is unchanged
+        A = linear_init(cfg.rank, n, dtype, device)
+        return A, torch.zeros(m, cfg.rank, dtype=dtype, device=device), resolve_scaling(cfg, n)
+    if svd_device is not None:
+        A, B, s = init_factors(weight.to(svd_device), cfg, name)
+        return A.to(device), B.to(device), s
     h, segments = min(m, n), cfg.n_segments
     d, t = (cfg.rank, h // segments) if cfg.segment is not None else (cfg.rank // segments, h // segments)
     if t < d:
@@ -253,10 +245,10 @@ def init_factors(weight, cfg, name="layer", svd_device=None):
     # bf16/fp16 have no SVD kernel: factorise in float32 (float64 stays float64), cast back once.
     U, S, Vh = torch.linalg.svd(weight.detach().to(dtype), full_matrices=False)
     generator = _random_generator(name) if cfg.init == "goat_random" else None
-    idx = torch.tensor(svd_indices(cfg.init, h, cfg.rank, segments, cfg.segment, generator), device=weight.device)
+    idx = torch.tensor(svd_indices(cfg.init, h, cfg.rank, segments, cfg.segment, generator), device=device)
     if cfg.scaling == "adam" or cfg.per_expert_scale:
         s = expert_scales(cfg, m, n, S[idx])
-        per_slot = torch.tensor(s, dtype=dtype, device=weight.device).repeat_interleave(cfg.expert_rank)
+        per_slot = torch.tensor(s, dtype=dtype, device=device).repeat_interleave(cfg.expert_rank)
         root = (S[idx] / (per_slot * cfg.rho)).sqrt()
     else:
         s = resolve_scaling(cfg, n)
@@ -264,33 +256,8 @@ def init_factors(weight, cfg, name="layer", svd_device=None):
     return root[:, None] * Vh[idx], U[:, idx] * root[None, :], s
 
 
-def _autocast_dtype(device_type):
-    """The autocast dtype in effect on this device, or None (works on torch 2.2 to 2.13+)."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument
-        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-    except RuntimeError:  # a device type without autocast (meta, ...)
-        return None
-    if not enabled:
-        return None
-    if hasattr(torch, "get_autocast_dtype"):
-        return torch.get_autocast_dtype(device_type)
-    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
-
-
-def _in_backward():
-    """True while autograd runs a backward pass: activation checkpointing re-runs the
-    forward there, and that re-run must not replace the routing statistics."""
-    graph_task = getattr(torch._C, "_current_graph_task_id", None)
-    return graph_task is not None and graph_task() != -1
-
-
-def _autocast_off(device_type):
-    """A context that turns autocast off where it is on."""
-    if _autocast_dtype(device_type) is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
+# ---------------------------------------------------------------------------------
+# Routing (Sec. 3.1): one rule for GOATLinear, the reference loop and UpcycledMoE
 
 
 def router_logits(x, router):
@@ -315,49 +282,13 @@ def route(x, router, top_k):
     return gate_from_logits(router_logits(x, router), top_k)
 
 
-class _AutocastInput(torch.autograd.Function):
-    """The adapter's input side under autocast: u = drop(x) A^T in the autocast dtype,
-    and router logits x R^T in float32 from the exact x. Plain autograd would keep,
-    per layer, a float32 copy of x for the router's gradient and a dropped copy for
-    A's; this keeps x in the autocast dtype (the copy the base layer reads) and the
-    boolean dropout mask, and recomputes the dropped input in backward. The gradients
-    are autocast's: A's from the low-precision input, the router's in float32 from it."""
-
-    @staticmethod
-    def forward(ctx, x, x_low, A, router, mask, keep_scale):
-        dropped = x_low if mask is None else x_low * mask * keep_scale
-        u = F.linear(dropped, A.to(x_low.dtype))
-        logits = None
-        if router is not None:
-            with _autocast_off(x.device.type):
-                logits = F.linear(x.float(), router.float())
-        ctx.save_for_backward(x_low, mask, A, router)
-        ctx.keep_scale, ctx.x_dtype = keep_scale, x.dtype
-        return u, logits
-
-    @staticmethod
-    def backward(ctx, grad_u, grad_logits):
-        x_low, mask, A, router = ctx.saved_tensors
-        drop = (lambda t: t) if mask is None else (lambda t: t * mask * ctx.keep_scale)
-        with _autocast_off(x_low.device.type):
-            grad_u = grad_u.to(x_low.dtype)
-            grad_x = drop(grad_u @ A.to(x_low.dtype)).float()
-            grad_A = (grad_u.t() @ drop(x_low)).to(A.dtype) if ctx.needs_input_grad[2] else None
-            grad_router = None
-            if router is not None and grad_logits is not None:
-                grad_logits = grad_logits.float()
-                grad_x = grad_x + grad_logits @ router.float()
-                if ctx.needs_input_grad[3]:
-                    grad_router = (grad_logits.t() @ x_low.float()).to(router.dtype)
-        return grad_x.to(ctx.x_dtype), None, grad_A, grad_router, None, None
-
-
-class _Routed(nn.Module):
-    """Keeps the routing statistics of a layer's latest forward until balance_loss
-    reads them. They carry the router's autograd graph only in a training forward
-    with grad enabled, and reading them clears them: a layer skipped in a forward
-    (LayerDrop, a branch) adds nothing stale, an evaluation forward keeps no graph,
-    and a copy of the model (deepcopy, pickle) carries none of them."""
+class Routed(nn.Module):
+    """A layer with a router (GOATLinear, UpcycledMoE). It keeps the routing statistics
+    of its latest forward until balance_loss reads them. They carry the router's
+    autograd graph only in a training forward with grad enabled, and reading them
+    clears them: a layer skipped in a forward (LayerDrop, a branch) adds nothing
+    stale, an evaluation forward keeps no graph, and a copy of the model (deepcopy,
+    pickle) carries none of them."""
     experts = 1
     top_k = 1
     name = "layer"
@@ -372,98 +303,43 @@ class _Routed(nn.Module):
         # reentrant activation checkpointing runs a training forward with autograd off
         self._ran_without_graph = self.training and not torch.is_grad_enabled() and router.requires_grad
 
+    def _take_probs(self):
+        """The latest forward's probabilities, handed over once (None if read already)."""
+        if self._probs is not None and self._ran_without_graph and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{self.name}: ran in training mode without autograd (reentrant activation checkpointing?), "
+                "so the balance loss cannot reach its router. Use non-reentrant checkpointing: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+                "or torch.utils.checkpoint.checkpoint(..., use_reentrant=False)")
+        probs, self._probs = self._probs, None
+        return probs
+
     def __getstate__(self):
         state = dict(self.__dict__)
         for key in ("_probs", "_chosen", "_ran_without_graph"):
             state.pop(key, None)
         return state
 
-    def layer_balance_loss(self):
-        """Switch-Transformer loss sum_i f_i P_i with f_i = E/(kT) * #tokens routed to i,
-        P_i = mean_t p_i, of the latest forward, read once. Uniform routing gives 1;
-        the gradient reaches P (the router) only."""
-        if self.experts == 1 or self._probs is None:
-            return None
-        if self._ran_without_graph and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{self.name}: ran in training mode without autograd (reentrant activation checkpointing?), "
-                "so the balance loss cannot reach its router. Use non-reentrant checkpointing: "
-                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
-                "or torch.utils.checkpoint.checkpoint(..., use_reentrant=False)")
-        f = self._chosen.mean(dim=0) * (self.experts / self.top_k)
-        loss = (f * self._probs.mean(dim=0)).sum()
-        self._probs = None
-        return loss
 
-    def layer_expert_load(self):
-        """Fraction of routed (token, slot) pairs per expert in the latest forward:
-        sums to 1, uniform is 1/E."""
-        if self.experts == 1 or self._chosen is None:
-            return None
-        return self._chosen.mean(dim=0) / self.top_k
+# ---------------------------------------------------------------------------------
+# The layer
 
 
-def _check_linear(module, name):
-    if not isinstance(module, nn.Linear):
-        raise ValueError(f"{name}: is {type(module).__name__}, not nn.Linear; GOAT wraps nn.Linear "
-                         f"only, so name a Linear (or use targets='all-linear')")
-    if not module.weight.dtype.is_floating_point or module.weight.dtype.itemsize < 2:
-        raise ValueError(f"{name}: weight dtype {module.weight.dtype} is integer or quantised; "
-                         f"load the base model in float32, bfloat16 or float16 before adding GOAT")
-    if module.weight.is_meta:
-        raise ValueError(f"{name}: weight is on the meta device (no values); GOAT's initialisation reads W0, "
-                         f"so load the weights first (e.g. model.to_empty(device=...) and load_state_dict)")
-
-
-FINGERPRINT_PICKS = 16
-
-
-def weight_fingerprint(weight):
-    """Two statistics and a few entries of a weight, after rounding it to bfloat16: the
-    same weights in float32, bf16 or fp16 give the same values (within one bf16 step,
-    0.4%), while another model's weights differ in every entry."""
-    w = weight.detach()
-    flat = w.reshape(-1)
-    picks = flat[_pick_indices(flat.numel()).to(w.device)]
-    sample = w[::7, ::5].to(torch.bfloat16).float()
-    stats = torch.stack([sample.abs().mean(), sample.square().mean().sqrt()])
-    return torch.cat([stats, picks.to(torch.bfloat16).float()]).double().cpu()
-
-
-def _pick_indices(numel, legacy=False):
-    """FINGERPRINT_PICKS evenly spaced entries, in integers (exact at any size, on any device).
-    legacy: the float32 spacing goat.py used until 2026-12, wrong past 2**24 entries."""
-    if legacy:
-        return torch.linspace(0, numel - 1, FINGERPRINT_PICKS).long()
-    return torch.arange(FINGERPRINT_PICKS) * (numel - 1) // (FINGERPRINT_PICKS - 1)
-
-
-def fingerprints_match(saved, weight):
-    if saved.numel() == 5:  # written by goat.py before 2026-11: statistics of the unrounded weight
-        w = weight.detach().double()
-        now = torch.stack([w.abs().mean(), w.square().mean().sqrt(), w[::7, ::5].mean(), w[:, 0].mean(), w[0].mean()])
-        return torch.allclose(saved, now.cpu(), rtol=2e-2, atol=1e-6)
-    # relative to each entry, and to the weight's RMS for entries near zero (a W0 rebuilt
-    # as W_res + c s B0 A0 in bf16 is off by a rounding step of W_res, not of the entry)
-    close = lambda now: torch.allclose(saved, now, rtol=1e-2, atol=1e-2 * float(saved[1]))
-    if close(weight_fingerprint(weight)):
-        return True
-    old_picks = _pick_indices(weight.numel(), legacy=True)
-    if old_picks.max() >= weight.numel():  # the legacy spacing failed on this size: it wrote nothing
-        return False
-    legacy = weight.detach().reshape(-1)[old_picks.to(weight.device)]
-    return close(torch.cat([weight_fingerprint(weight)[:2], legacy.to(torch.bfloat16).double().cpu()]))
-
-
-class GOATLinear(_Routed):
+class GOATLinear(Routed):
     """y = W_res x + b + s * B ((A drop(x)) * expand(G(x))).
 
     `base` is the frozen nn.Linear, its weight holding W_res. lora_A (r x n) stacks
     the experts' A_i, lora_B (m x r) their B_i; expert i owns rank slots
-    [i d, (i+1) d). lora_router (E x n) exists when E > 1. lora_A0 / lora_B0 hold
-    the initial factors so the adapter can be re-applied to a pristine base.
-    Adapter tensors stay float32 (float64 for a float64 base) whatever dtype the
-    model is later cast to.
+    [i d, (i+1) d), and expand(G) repeats its gate weight over them. lora_router
+    (E x n) exists when E > 1. Adapter tensors stay float32 (float64 for a float64
+    base) whatever dtype the model is later cast to.
+
+    lora_A0 / lora_B0 hold the initial factors, so that the adapter can be re-applied
+    to a pristine base and W0 = W_res + c s B0 A0 rebuilt (rebuild_w0). They are
+    frozen nn.Parameters (requires_grad=False), not buffers: FSDP2's fully_shard
+    shards parameters but leaves buffers whole on every GPU (1.7 GB for LLaMA-2-70B
+    at rank 32). Nothing trains them: add_goat freezes all but lora_A, lora_B and
+    lora_router, and an optimizer over the parameters that require grad skips them.
 
     The adapter cannot be merged into the weight: the gate depends on the input.
     """
@@ -477,38 +353,86 @@ class GOATLinear(_Routed):
         self.cfg, self.name = cfg, name
         self.experts, self.top_k, self.expert_rank = cfg.experts, cfg.top_k, cfg.expert_rank
         self.fingerprint = weight_fingerprint(base.weight)
-        if factors is None:
-            A0, B0, scale = init_factors(base.weight, cfg, name, svd_device)
-        else:  # computed elsewhere (another process, another device): kept on this weight's device
-            A0, B0, scale = factors
-            A0, B0 = A0.to(base.weight.device), B0.to(base.weight.device)
-        dtype = A0.dtype
+        # factors computed elsewhere (another process, a saved adapter) are cast to this layer
+        A0, B0, scale = init_factors(base.weight, cfg, name, svd_device) if factors is None else factors
+        dtype, device = adapter_dtype(base.weight), base.weight.device
+        A0, B0 = A0.to(device=device, dtype=dtype), B0.to(device=device, dtype=dtype)
         if isinstance(scale, (tuple, list)) and len(set(scale)) == 1:
             scale = scale[0]
         if isinstance(scale, (tuple, list)):  # one s per expert (GOAT-s, "adam" on an SVD init)
-            self.register_buffer("scaling", torch.tensor(scale, dtype=dtype, device=A0.device))
+            self.register_buffer("scaling", torch.tensor(scale, dtype=dtype, device=device))
         else:
             self.scaling = float(scale)
-        self.register_buffer("lora_A0", A0.clone())
-        self.register_buffer("lora_B0", B0.clone())
         self.lora_A = nn.Parameter(A0.clone())
         self.lora_B = nn.Parameter(B0.clone())
-        if self.experts > 1:
-            self.lora_router = nn.Parameter(torch.empty(self.experts, n, dtype=dtype, device=A0.device))
-            nn.init.kaiming_uniform_(self.lora_router, a=math.sqrt(5))  # as nn.Linear
-        else:
-            self.lora_router = None  # one expert: gate is 1, plain LoRA
+        # one expert: the gate is 1, plain LoRA
+        self.lora_router = nn.Parameter(linear_init(self.experts, n, dtype, device)) if self.experts > 1 else None
+        self.lora_A0 = nn.Parameter(A0.clone(), requires_grad=False)
+        self.lora_B0 = nn.Parameter(B0.clone(), requires_grad=False)
         self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         # Thm 3.4: W_res = W0 - c s sum_i B_i A_i, computed once in the adapter dtype.
         with torch.no_grad():
-            base.weight.copy_(base.weight.to(dtype) - self._init_delta())
+            base.weight.copy_(base.weight.to(dtype) - self._initial_product())
         base.requires_grad_(False)
         self.base = base
 
-    def _init_delta(self):
+    def forward(self, x):
+        xs = x.reshape(-1, x.shape[-1])  # routing is per token, over all leading dimensions
+        low = _autocast_dtype(x.device.type)
+        if low is not None:
+            y, ax, logits = self._autocast_input_side(xs, low)
+        else:
+            y = self.base(xs)  # W_res x + b, T x m
+            ax, logits = self._input_side(xs)  # A drop(x), T x r; router logits, T x E
+        if logits is None:  # one expert: plain LoRA
+            ax = ax * self.scaling
+        else:
+            probs, chosen, gate = gate_from_logits(logits, self.top_k)
+            self._remember(probs, chosen, self.lora_router)
+            # expand(G): each expert's gate weight (times s) over its d rank slots, via a view
+            weights = (gate * self.scaling).to(ax.dtype).unsqueeze(-1)
+            ax = (ax.view(-1, self.experts, self.expert_rank) * weights).view_as(ax)
+        if ax.dtype == y.dtype or low is not None:
+            out = torch.addmm(y, ax, self.lora_B.t())  # y + B (...) in one kernel
+        else:  # e.g. a bf16 base without autocast: adapter in float32, sum cast back
+            out = y + F.linear(ax, self.lora_B).to(y.dtype)
+        return out.view(*x.shape[:-1], self.base.out_features)
+
+    def _input_side(self, xs):
+        """A drop(x) and the router logits (None with one expert). One dropout mask is
+        shared by all experts, and the router sees the clean input."""
+        xa = xs.to(self.lora_A.dtype)
+        if self.lora_router is None:
+            return F.linear(self.lora_dropout(xa), self.lora_A), None
+        if self.training and self.cfg.dropout > 0:
+            return F.linear(self.lora_dropout(xa), self.lora_A), router_logits(xs, self.lora_router)
+        # the same input for both: one pass over x computes A x and the router logits
+        both = F.linear(xa, torch.cat([self.lora_A, self.lora_router]))
+        return both[:, :self.cfg.rank], both[:, self.cfg.rank:]
+
+    def _autocast_input_side(self, xs, low):
+        """Under autocast: W_res x + b, A drop(x) and the router logits, with one
+        low-precision copy of x serving the base, A and the router's gradient."""
+        x_low = xs.to(low)
+        y = self.base(x_low)
+        mask = None
+        if self.training and self.cfg.dropout > 0:
+            mask = torch.empty_like(x_low, dtype=torch.bool).bernoulli_(1 - self.cfg.dropout)
+        # x already in the autocast dtype is x_low itself: passed once (a tensor passed twice
+        # to an autograd.Function breaks torch.compile's graph)
+        ax, logits = _AutocastInput.apply(xs, None if xs.dtype == low else x_low, self.lora_A, self.lora_router,
+                                          mask, 1.0 / (1 - self.cfg.dropout))
+        return y, ax, logits
+
+    def _initial_product(self):
+        """c sum_i s_i B0_i A0_i: what __init__ took out of W0."""
         if isinstance(self.scaling, float):
             return self.cfg.cof * self.scaling * (self.lora_B0 @ self.lora_A0)
         return self.cfg.cof * (self.lora_B0 * self.scaling.repeat_interleave(self.expert_rank)) @ self.lora_A0
+
+    def rebuild_w0(self):
+        """W0 = W_res + c s B0 A0 (to float tolerance), in the adapter dtype; changes nothing."""
+        return self.base.weight.to(self.lora_A0.dtype) + self._initial_product()
 
     def expert_scales(self):
         """s of each expert, as floats."""
@@ -530,47 +454,117 @@ class GOATLinear(_Routed):
             return out
         return super()._apply(keep_precision, recurse=False)
 
-    def forward(self, x):
-        xs = x.reshape(-1, x.shape[-1])
-        low = _autocast_dtype(x.device.type)
-        if low is not None:  # one low-precision copy of x serves the base, A and the router's gradient
-            x_low = xs.to(low)
-            y = self.base(x_low)
-            mask = None
-            if self.training and isinstance(self.lora_dropout, nn.Dropout):
-                mask = torch.empty_like(x_low, dtype=torch.bool).bernoulli_(1 - self.cfg.dropout)
-            u, logits = _AutocastInput.apply(xs, x_low, self.lora_A, self.lora_router, mask,
-                                             1.0 / (1 - self.cfg.dropout))
-        else:
-            y = self.base(xs)  # W_res x + b, T x m
-            xa, logits = xs.to(self.lora_A.dtype), None
-            if (self.training and isinstance(self.lora_dropout, nn.Dropout)) or self.lora_router is None:
-                # one dropout mask shared by all experts; the router sees the clean input
-                u = F.linear(self.lora_dropout(xa), self.lora_A)  # T x r
-                if self.lora_router is not None:
-                    logits = router_logits(xs, self.lora_router)
-            else:  # same input for both: one pass over x computes A x and the router logits
-                both = F.linear(xa, torch.cat([self.lora_A, self.lora_router]))
-                u, logits = both[:, :self.cfg.rank], both[:, self.cfg.rank:]
-        if logits is None:  # plain LoRA
-            u = u * self.scaling
-        else:
-            probs, chosen, gate = gate_from_logits(logits, self.top_k)
-            self._remember(probs, chosen, self.lora_router)
-            # expand(G): each expert's gate weight (times s) over its d rank slots, via a view
-            weights = (gate * self.scaling).to(u.dtype).unsqueeze(-1)
-            u = (u.view(-1, self.experts, self.expert_rank) * weights).view_as(u)
-        if u.dtype == y.dtype or low is not None:
-            out = torch.addmm(y, u, self.lora_B.t())  # y + B u in one kernel
-        else:  # e.g. a bf16 base without autocast: adapter in float32, sum cast back
-            out = y + F.linear(u, self.lora_B).to(y.dtype)
-        return out.view(*x.shape[:-1], self.base.out_features)
-
     def extra_repr(self):
         scales = self.expert_scales()
         scaling = f"{scales[0]:.4g}" if len(set(scales)) == 1 else f"{min(scales):.4g}..{max(scales):.4g}"
         return (f"rank={self.cfg.rank}, experts={self.experts}, top_k={self.top_k}, "
                 f"init={self.cfg.init}, scaling={scaling}")
+
+
+# ---------------------------------------------------------------------------------
+# Load balancing (Sec. 3.3)
+
+
+def balance_loss(model):
+    """Sum over routed layers of sum_i f_i P_i (the Switch Transformer loss) of their
+    latest forward, with f_i = E/(kT) * #tokens whose top-k holds i and P_i = mean_t p_i.
+    Uniform routing gives 1 per layer; the gradient reaches P (the routers) only.
+    Each layer's statistics are read once: call it once per forward, before backward.
+    A layer that did not run, or ran over no token, adds nothing (0 if none)."""
+    losses = []
+    for layer in model.modules():
+        if isinstance(layer, Routed) and layer.experts > 1:
+            probs = layer._take_probs()
+            if probs is not None and probs.shape[0] > 0:
+                f = layer._chosen.mean(dim=0) * (layer.experts / layer.top_k)
+                losses.append((f * probs.mean(dim=0)).sum())
+    return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def expert_load(model):
+    """{layer name: fraction of routed (token, slot) pairs per expert (E,)} from the
+    latest forward: sums to 1, uniform is 1/E. For logging and plots."""
+    return {name: mod._chosen.mean(dim=0) / mod.top_k for name, mod in model.named_modules()
+            if isinstance(mod, Routed) and mod.experts > 1 and mod._chosen is not None and mod._chosen.shape[0] > 0}
+
+
+# ---------------------------------------------------------------------------------
+# Into a model, and out again
+
+# Modules that "all-linear" leaves alone: task heads, which are trained in full.
+DEFAULT_EXCLUDE = ("classifier", "lm_head", "score", "qa_outputs")
+
+
+def add_goat(model, cfg, targets="all-linear", exclude=DEFAULT_EXCLUDE, svd_device=None, factors=None):
+    """Wrap the target nn.Linear modules of `model` in place with GOATLinear, freeze
+    everything else, return the wrapped names. Train a head afterwards with
+    `head.requires_grad_(True)`. `svd_device`: where to run the SVD inits;
+    `factors`: {name: (A0, B0, s)} computed beforehand (see initial_factors)."""
+    _refuse_if_wrapped(model)
+    names = find_targets(model, targets, exclude)
+    factors = factors or {}
+    return _swap(model, names, lambda mod, name: GOATLinear(mod, cfg, name, factors=factors.get(name),
+                                                           svd_device=svd_device))
+
+
+def initial_factors(model, cfg, names, svd_device=None):
+    """{name: (A0, B0, s)} for the named Linears: the SVD work of add_goat, separable so
+    that several processes can share it (each computes some layers, then all exchange)."""
+    return {name: init_factors(model.get_submodule(name).weight, cfg, name, svd_device) for name in names}
+
+
+def add_upcycled_moe(model, experts=8, top_k=2, targets="all-linear", exclude=DEFAULT_EXCLUDE):
+    """The "full-moe" reference: every target Linear becomes an UpcycledMoE."""
+    _refuse_if_wrapped(model)
+    names = find_targets(model, targets, exclude)
+    return _swap(model, names, lambda mod, name: UpcycledMoE(mod, experts, top_k, name))
+
+
+def _swap(model, names, make):
+    """Replace each named module by make(module, name), then freeze the whole model but
+    what the new modules train (a GOATLinear: lora_A, lora_B, lora_router)."""
+    made = []
+    for name in names:
+        parent, child = _parent(model, name)
+        made.append(make(getattr(parent, child), name))
+        setattr(parent, child, made[-1])
+    trained = [p for mod in made for p in mod.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    _no_fused_encoder_path(model)
+    return names
+
+
+def _parent(model, name):
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def remove_goat(model):
+    """Unwrap every GOATLinear, restoring W0 = W_res + c s B0 A0 (to float tolerance)."""
+    upcycled = [name for name, mod in model.named_modules() if isinstance(mod, UpcycledMoE)]
+    if upcycled:  # checked before anything changes
+        raise ValueError(f"{upcycled[0]} ({len(upcycled)} layers in all) is an upcycled MoE: its E trained copies "
+                         "of the weight cannot be turned back into one nn.Linear; reload the base model instead")
+    for name, mod in goat_layers(model):
+        with torch.no_grad():
+            mod.base.weight.copy_(mod.rebuild_w0())
+        parent, child = _parent(model, name)
+        setattr(parent, child, mod.base)
+    return model
+
+
+def goat_layers(model):
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, GOATLinear)]
+
+
+def trainable_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------
+# References: the authors' per-expert loop, and the upcycled full MoE GOAT aligns with
 
 
 def moe_loop_forward(layer, x):
@@ -596,7 +590,7 @@ def moe_loop_forward(layer, x):
     return y + out.view(*x.shape[:-1], -1).to(y.dtype)
 
 
-class UpcycledMoE(_Routed):
+class UpcycledMoE(Routed):
     """The reference GOAT aligns with: E fully trainable copies W^i of a Linear
     (all = W0 at start, "upcycled"), the same top-k router, y = sum_i G_i(x) W^i x + b.
     It has E times the weights: a reference for small models, not a method."""
@@ -609,9 +603,7 @@ class UpcycledMoE(_Routed):
         self.experts, self.top_k, self.name = experts, top_k, name
         self.weight = nn.Parameter(base.weight.detach().expand(experts, -1, -1).clone())
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone())
-        self.router = nn.Parameter(torch.empty(experts, base.in_features, dtype=base.weight.dtype,
-                                               device=base.weight.device))
-        nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+        self.router = nn.Parameter(linear_init(experts, base.in_features, base.weight.dtype, base.weight.device))
 
     def forward(self, x):
         xs = x.reshape(-1, x.shape[-1])
@@ -628,12 +620,175 @@ class UpcycledMoE(_Routed):
         return y.view(*x.shape[:-1], self.weight.shape[1])
 
 
-# ---------------------------------------------------------------------------------
-# Injection into any model, and the adapter as a portable state dict.
+# =================================================================================
+# The method ends here. What follows keeps it cheap and safe inside any model:
+# mixed precision and torch.compile, drop-in safety, adapters on disk.
+# =================================================================================
 
-def _parent(model, name):
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
+# ---------------------------------------------------------------------------------
+# Mixed precision and torch.compile
+
+
+class _AutocastInput(torch.autograd.Function):
+    """The adapter's input side under autocast: u = drop(x) A^T in the autocast dtype,
+    and router logits x R^T in float32 from the exact x. Plain autograd would keep,
+    per layer, a float32 copy of x for the router's gradient and a dropped copy for
+    A's; this keeps x in the autocast dtype (the copy the base layer reads) and the
+    boolean dropout mask, and recomputes the dropped input in backward. The gradients
+    are autocast's: A's from the low-precision input, the router's in float32 from it.
+    x_low is None when x is in the autocast dtype already (then it is x)."""
+
+    @staticmethod
+    def forward(ctx, x, x_low, A, router, mask, keep_scale):
+        x_low = x if x_low is None else x_low
+        dropped = x_low if mask is None else x_low * mask * keep_scale
+        u = F.linear(dropped, A.to(x_low.dtype))
+        logits = None
+        if router is not None:
+            with _autocast_off(x.device.type):
+                logits = F.linear(x.float(), router.float())
+        ctx.save_for_backward(x_low, mask, A, router)
+        ctx.keep_scale, ctx.x_dtype = keep_scale, x.dtype
+        return u, logits
+
+    @staticmethod
+    def backward(ctx, grad_u, grad_logits):
+        # At most one float32 T x n temporary besides dL/dx (plain autograd held about four):
+        # dropout is applied in place, and the two terms of dL/dx (through A, through the
+        # router) are summed in one float32 buffer, which is dL/dx itself for a float32 x.
+        x_low, mask, A, router = ctx.saved_tensors
+        low = x_low.dtype
+        routed = router is not None and grad_logits is not None
+        grad_x = grad_A = grad_router = None
+        with _autocast_off(x_low.device.type):
+            grad_u = grad_u.to(low)
+            if ctx.needs_input_grad[2]:
+                dropped = x_low if mask is None else (x_low * mask).mul_(ctx.keep_scale)
+                grad_A = (grad_u.t() @ dropped).to(A.dtype)
+                del dropped
+            if routed:
+                grad_logits = grad_logits.float()
+                if ctx.needs_input_grad[3]:
+                    grad_router = (grad_logits.t() @ x_low.float()).to(router.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_u @ A.to(low)
+                if mask is not None:
+                    grad_x.mul_(mask).mul_(ctx.keep_scale)
+                if routed:  # the sum in float32, then x's dtype (in place when that is the low one)
+                    total = (grad_logits @ router.float()).add_(grad_x)
+                    grad_x = grad_x.copy_(total) if ctx.x_dtype == low else total.to(ctx.x_dtype)
+                else:
+                    grad_x = grad_x.to(ctx.x_dtype)
+        return grad_x, None, grad_A, grad_router, None, None
+
+
+def _autocast_dtype(device_type):
+    """The autocast dtype in effect on this device, or None (works on torch 2.2 to 2.13+)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    except RuntimeError:  # a device type without autocast (meta, ...)
+        return None
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _autocast_off(device_type):
+    """A context that turns autocast off where it is on."""
+    if _autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+try:
+    from torch.compiler import is_compiling as _compiling  # torch >= 2.3
+except ImportError:
+    from torch._dynamo import is_compiling as _compiling
+
+
+def _in_backward():
+    """True while autograd runs a backward pass: non-reentrant activation checkpointing
+    re-runs the forward there, and that re-run must not replace the routing statistics.
+    Compiled code never re-runs the Python forward (compiled checkpointing recomputes
+    inside the graph), and asking autograd would break the graph: False there."""
+    if _compiling():
+        return False
+    graph_task = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task is not None and graph_task() != -1
+
+
+# ---------------------------------------------------------------------------------
+# Drop-in safety: the config's ranges, which Linears may be wrapped, and how the
+# model must then run
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_config(cfg):
+    """GOATConfig's ranges, the one place they are checked (train.py's flags delegate here),
+    so every message starts with `field=value` and says what to do. Refused is what would
+    train silently wrong (a zero, negative or NaN scale gives an all-NaN or frozen adapter;
+    a rank that the experts do not divide has no expert layout) or fail later."""
+    def refuse(field, why):
+        raise ValueError(f"{field}={getattr(cfg, field)!r} {why}")
+    if cfg.init not in INITS:
+        refuse("init", f"is unknown; choose one of {INITS}")
+    numeric = _is_number(cfg.scaling)
+    if not numeric and cfg.scaling not in SCALINGS:
+        refuse("scaling", f"is unknown; choose one of {SCALINGS} or a positive number")
+    for field in ("rank", "experts", "top_k") + (("segments",) if cfg.segments is not None else ()):
+        value = getattr(cfg, field)
+        if not (_is_number(value) and isinstance(value, int) and value >= 1):
+            refuse(field, "must be a positive integer")
+    if cfg.scaling in ("alpha", "rslora") and cfg.alpha is None:
+        refuse("alpha", f"but scaling={cfg.scaling!r} needs alpha (s = alpha / d); e.g. alpha=2*rank")
+    # a value given must be valid even where this scaling ignores it: it is recorded with the run
+    hints = {"rho": "SVD inits put S / rho into the adapter; the paper's is 10",
+             "eta": "lr_full / lr_lora; the paper's is 1, or 0.1 for LLaMA at lr 1e-4",
+             "alpha": "s = alpha / d; e.g. alpha=2*rank", "scaling": "a number is s itself"}
+    for field, hint in hints.items():
+        value = getattr(cfg, field) if field != "scaling" or numeric else None
+        needed = field == "rho" or (field == "eta" and cfg.scaling in ("paper", "adam"))
+        if (value is not None or needed) and not (_is_number(value) and math.isfinite(value) and value > 0):
+            refuse(field, f"must be a positive finite number ({hint})")
+    if cfg.init_cof is not None and not (_is_number(cfg.init_cof) and math.isfinite(cfg.init_cof)
+                                         and cfg.init_cof >= 0):
+        refuse("init_cof", "must be a finite number >= 0 (None means 1/experts)")
+    if cfg.rank % cfg.experts:
+        refuse("rank", f"is not divisible by experts={cfg.experts}: each expert gets rank/experts components; "
+                       f"pick e.g. rank={cfg.experts * max(1, cfg.rank // cfg.experts)}")
+    if cfg.segments is not None and cfg.rank % cfg.segments and cfg.segment is None:
+        refuse("segments", f"must divide rank={cfg.rank}")
+    if cfg.segment is not None and (cfg.init != "goat" or cfg.experts != 1 or isinstance(cfg.segment, bool)
+                                    or not isinstance(cfg.segment, int) or not 0 <= cfg.segment < cfg.n_segments):
+        refuse("segment", f"takes one adapter (experts=1, init='goat') from segment 0 .. segments-1 "
+                          f"(segments={cfg.n_segments})")
+    if cfg.per_expert_scale and (cfg.init not in SVD_INITS or cfg.scaling == "adam"):
+        refuse("per_expert_scale", f"(GOAT-s) rescales the paper's or alpha scaling per SVD segment: it needs an "
+                                   f"SVD init {SVD_INITS}, and 'adam' scaling is per expert already")
+    if not 1 <= cfg.top_k <= cfg.experts:
+        refuse("top_k", f"must lie in [1, experts={cfg.experts}]")
+    if not (_is_number(cfg.dropout) and 0.0 <= cfg.dropout < 1.0):
+        refuse("dropout", "must be a number in [0, 1) (the paper's is 0.05)")
+
+
+
+def _check_linear(module, name):
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{name}: is {type(module).__name__}, not nn.Linear; GOAT wraps nn.Linear "
+                         f"only, so name a Linear (or use targets='all-linear')")
+    if not module.weight.dtype.is_floating_point or module.weight.dtype.itemsize < 2:
+        raise ValueError(f"{name}: weight dtype {module.weight.dtype} is integer or quantised; "
+                         f"load the base model in float32, bfloat16 or float16 before adding GOAT")
+    if module.weight.is_meta:
+        raise ValueError(f"{name}: weight is on the meta device (no values); GOAT's initialisation reads W0, "
+                         f"so load the weights first (e.g. model.to_empty(device=...) and load_state_dict)")
 
 
 def _excluded(name, exclude):
@@ -643,15 +798,19 @@ def _excluded(name, exclude):
 def unwrappable_linears(model):
     """{name: why} for the nn.Linear modules GOAT must leave alone in any model."""
     why = {}
-    uses = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
+    aliases = {}  # module -> every name it is registered under
+    for name, mod in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(mod), []).append(name)
+    owners = {}  # parameter -> the modules holding it
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(mod))
     try:
         output_embeddings = model.get_output_embeddings()  # Hugging Face models
     except (AttributeError, NotImplementedError):
         output_embeddings = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, _Routed):
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, Routed):
             why.update({f"{name}.{sub}": "it is inside a GOAT or upcycled-MoE layer already"
                         for sub, _ in mod.named_modules() if sub})
         elif isinstance(mod, nn.MultiheadAttention):  # its forward reads out_proj.weight: an adapter would be bypassed
@@ -659,9 +818,13 @@ def unwrappable_linears(model):
                         "out_proj would be bypassed; GOAT adapts the model's other Linears (e.g. the feed-forward "
                         "linear1/linear2 of nn.TransformerEncoderLayer)"
                         for sub, child in mod.named_modules() if isinstance(child, nn.Linear)})
-    for name, mod in model.named_modules():
+    for name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, nn.Linear) and name not in why:
-            if uses.get(id(mod.weight), 0) > 1:
+            if len(aliases[id(mod)]) > 1:
+                why[name] = (f"this one nn.Linear is registered under {len(aliases[id(mod)])} names "
+                             f"({', '.join(aliases[id(mod)])}): wrapping one name would leave the others "
+                             "calling the unwrapped Linear, bypassing the adapter")
+            elif len(owners[id(mod.weight)]) > 1:
                 why[name] = ("its weight is tied to another module (e.g. an output layer sharing the input "
                              "embedding); writing W_res into it would change both")
             elif mod is output_embeddings:
@@ -675,13 +838,14 @@ def find_targets(model, targets, exclude=DEFAULT_EXCLUDE):
     unwrappable_linears names), or a list of name suffixes, each of which must match
     a module outside `exclude`."""
     skip = unwrappable_linears(model)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     if targets == "all-linear":
         names = [name for name, mod in modules.items() if isinstance(mod, nn.Linear)
                  and name not in skip and not _excluded(name, exclude)]
         if not names:
-            raise ValueError("targets='all-linear' found no nn.Linear outside "
-                             f"the excluded modules {tuple(exclude)}")
+            left = "".join(f"; {name}: {reason}" for name, reason in list(skip.items())[:3])
+            raise ValueError(f"targets='all-linear' found no nn.Linear to wrap outside the excluded modules "
+                             f"{tuple(exclude)}{left}")
         for name in names:
             _check_linear(modules[name], name)
         return names
@@ -691,8 +855,12 @@ def find_targets(model, targets, exclude=DEFAULT_EXCLUDE):
         raise ValueError(f"targets={targets!r}: give 'all-linear' or module-name suffixes such as ['query', 'value']")
     names = []
     for target in targets:
-        hits = [name for name in modules if (name == target or name.endswith("." + target))
-                and not _excluded(name, exclude)]  # a head named like a target stays a head
+        matching = [name for name in modules if name == target or name.endswith("." + target)]
+        hits = [name for name in matching if not _excluded(name, exclude)]  # a head named like a target stays a head
+        if matching and not hits:
+            raise ValueError(f"target {target!r} names only excluded modules ({', '.join(matching)}; exclude="
+                             f"{tuple(exclude)}): a task head is trained in full, not wrapped; drop it from the "
+                             "targets and train it with requires_grad_(True)")
         if not hits:
             linears = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear)})
             raise ValueError(f"target {target!r} matches no module outside {tuple(exclude)}; Linear names in "
@@ -705,18 +873,12 @@ def find_targets(model, targets, exclude=DEFAULT_EXCLUDE):
     return names
 
 
-def _swap(model, names, make):
-    """Replace each named module by make(module, name); only the new modules'
-    own parameters (not a wrapped base) stay trainable."""
-    for name in names:
-        parent, child = _parent(model, name)
-        setattr(parent, child, make(getattr(parent, child), name))
-    model.requires_grad_(False)
-    for name in names:
-        for pname, p in model.get_submodule(name).named_parameters():
-            p.requires_grad_(not pname.startswith("base."))
-    _no_fused_encoder_path(model)
-    return names
+def _refuse_if_wrapped(model):
+    wrapped = [name for name, mod in model.named_modules() if isinstance(mod, Routed)]
+    if wrapped:
+        raise ValueError(f"the model already has {len(wrapped)} GOAT or upcycled-MoE layers (e.g. {wrapped[0]}); "
+                         "wrapping again would nest them: call remove_goat(model) first, or "
+                         "load_goat_state_dict(model, state) to replace the adapter")
 
 
 def _no_fused_encoder_path(model):
@@ -726,81 +888,49 @@ def _no_fused_encoder_path(model):
     they take their ordinary path, which calls the modules."""
     for mod in model.modules():
         if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) \
-                and any(isinstance(m, _Routed) for m in mod.modules()):
+                and any(isinstance(m, Routed) for m in mod.modules()):
             if isinstance(mod, nn.TransformerEncoderLayer):
                 mod.activation_relu_or_gelu = 0  # read only by the fused path's checks
             else:
                 mod.use_nested_tensor = False
 
 
-def _refuse_if_wrapped(model):
-    wrapped = [name for name, mod in model.named_modules() if isinstance(mod, _Routed)]
-    if wrapped:
-        raise ValueError(f"the model already has {len(wrapped)} GOAT or upcycled-MoE layers (e.g. {wrapped[0]}); "
-                         "wrapping again would nest them: call remove_goat(model) first, or "
-                         "load_goat_state_dict(model, state) to replace the adapter")
-
-
-def initial_factors(model, cfg, names, svd_device=None):
-    """{name: (A0, B0, s)} for the named Linears: the SVD work of add_goat, separable so
-    that several processes can share it (each computes some layers, then all exchange)."""
-    out = {}
-    for name in names:
-        weight = model.get_submodule(name).weight
-        out[name] = init_factors(weight, cfg, name, svd_device)
-    return out
-
-
-def add_goat(model, cfg, targets="all-linear", exclude=DEFAULT_EXCLUDE, svd_device=None, factors=None):
-    """Wrap the target nn.Linear modules of `model` in place with GOATLinear, freeze
-    everything else, return the wrapped names. Train a head afterwards with
-    `head.requires_grad_(True)`. `svd_device`: where to run the SVD inits;
-    `factors`: {name: (A0, B0, s)} computed beforehand (see initial_factors)."""
-    _refuse_if_wrapped(model)
-    names = find_targets(model, targets, exclude)
-    factors = factors or {}
-    return _swap(model, names, lambda mod, name: GOATLinear(mod, cfg, name, factors=factors.get(name),
-                                                           svd_device=svd_device))
-
-
-def add_upcycled_moe(model, experts=8, top_k=2, targets="all-linear", exclude=DEFAULT_EXCLUDE):
-    """The "full-moe" reference: every target Linear becomes an UpcycledMoE."""
-    _refuse_if_wrapped(model)
-    names = find_targets(model, targets, exclude)
-    return _swap(model, names, lambda mod, name: UpcycledMoE(mod, experts, top_k, name))
-
-
-def goat_layers(model):
-    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, GOATLinear)]
-
-
-def balance_loss(model):
-    """Sum over routed layers of the balance loss of their latest forward (0 if none).
-    Each layer's statistics are read once: call it once per forward, before backward."""
-    losses = [mod.layer_balance_loss() for mod in model.modules() if isinstance(mod, _Routed)]
-    losses = [loss for loss in losses if loss is not None]
-    return torch.stack(losses).sum() if losses else torch.zeros(())
-
-
-def expert_load(model):
-    """{layer name: fraction of routed tokens per expert (E,)} from the latest forward."""
-    loads = {name: mod.layer_expert_load() for name, mod in model.named_modules()
-             if isinstance(mod, _Routed)}
-    return {name: load for name, load in loads.items() if load is not None}
-
+# ---------------------------------------------------------------------------------
+# Adapters on disk: the adapter alone, with what it needs to check its base model
 
 CONFIG_KEY = "goat_config"  # the one non-tensor entry of a GOAT state dict (a JSON string)
+FINGERPRINT_PICKS = 16
+
+
+def weight_fingerprint(weight):
+    """Two statistics and FINGERPRINT_PICKS evenly spaced entries of a weight, after
+    rounding it to bfloat16: the same weights in float32, bf16 or fp16 give the same
+    values (within one bf16 step, 0.4%), while another model's weights differ in every
+    entry. The spacing is in integers: exact at any size, on any device."""
+    w = weight.detach()
+    flat = w.reshape(-1)
+    picks = flat[(torch.arange(FINGERPRINT_PICKS) * (flat.numel() - 1) // (FINGERPRINT_PICKS - 1)).to(w.device)]
+    sample = w[::7, ::5].to(torch.bfloat16).float()
+    stats = torch.stack([sample.abs().mean(), sample.square().mean().sqrt()])
+    return torch.cat([stats, picks.to(torch.bfloat16).float()]).double().cpu()
+
+
+def fingerprints_match(saved, weight):
+    # relative to each entry, and to the weight's RMS for entries near zero (a W0 rebuilt
+    # as W_res + c s B0 A0 in bf16 is off by a rounding step of W_res, not of the entry)
+    return torch.allclose(saved, weight_fingerprint(weight), rtol=1e-2, atol=1e-2 * float(saved[1]))
 
 
 def goat_state_dict(model):
     """The adapter alone: per layer A, B, router, A0, B0 and the base-weight
-    fingerprint, plus CONFIG_KEY: a JSON string of each layer's config."""
+    fingerprint, plus CONFIG_KEY: a JSON string of each layer's config, shape and
+    scale. Under FSDP every process must call it (the shards are gathered)."""
     state, layers = {}, {}
     for name, mod in goat_layers(model):
         for key in ("lora_A", "lora_B", "lora_router", "lora_A0", "lora_B0"):
             tensor = getattr(mod, key)
-            if tensor is not None:  # a sharded (FSDP) tensor is gathered: every process must call this
-                tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            if tensor is not None:
+                tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a sharded tensor
                 state[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
         state[f"{name}.fingerprint"] = mod.fingerprint
         layers[name] = dict(asdict(mod.cfg), shape=list(mod.base.weight.shape), scale=mod.expert_scales())
@@ -810,62 +940,18 @@ def goat_state_dict(model):
     return state
 
 
-def _check_adapter(model, state):
-    """Every key, shape, config and base-weight fingerprint of a saved adapter against
-    `model`, before anything changes. Returns {layer name: (GOATConfig, s per expert)}."""
-    if not isinstance(state, dict) or CONFIG_KEY not in state:
-        raise ValueError(f"not a GOAT adapter: no {CONFIG_KEY!r} entry (write it with goat_state_dict)")
-    layers = json.loads(state[CONFIG_KEY])["layers"]
-    modules = dict(model.named_modules())
-    cfgs = {}
-    for name, info in layers.items():
-        mod = modules.get(name)
-        if mod is None:
-            raise ValueError(f"adapter layer {name!r} is not in this model: was it saved from another architecture?")
-        base = mod.base if isinstance(mod, GOATLinear) else mod
-        _check_linear(base, name)
-        m, n = base.weight.shape
-        if [m, n] != info["shape"]:
-            raise ValueError(f"{name}: adapter was saved for a weight of shape {info['shape']}, "
-                             f"this model's is {[m, n]}; load it onto its own base model")
-        cfg = GOATConfig(**{k: v for k, v in info.items() if k not in ("shape", "scale")})
-        cfgs[name] = cfg, tuple(info["scale"])
-        shapes = {"lora_A": (cfg.rank, n), "lora_B": (m, cfg.rank), "lora_A0": (cfg.rank, n),
-                  "lora_B0": (m, cfg.rank), "fingerprint": None}
-        if cfg.experts > 1:
-            shapes["lora_router"] = (cfg.experts, n)
-        for key, shape in shapes.items():
-            tensor = state.get(f"{name}.{key}")
-            if not isinstance(tensor, torch.Tensor):
-                raise ValueError(f"adapter lacks {name}.{key}: the file is incomplete or not a GOAT adapter")
-            if shape is not None and tuple(tensor.shape) != shape:
-                raise ValueError(f"{name}.{key} has shape {tuple(tensor.shape)}, expected {shape}")
-    for name in layers:  # then the base weights: is this the model the adapter was trained on?
-        mod = modules[name]
-        base = mod.base if isinstance(mod, GOATLinear) else mod
-        pristine = base.weight
-        if isinstance(mod, GOATLinear):  # W0 = W_res + c s B0 A0, without touching the model
-            pristine = base.weight.to(mod.lora_A0.dtype) + mod._init_delta()
-        if not fingerprints_match(state[f"{name}.fingerprint"], pristine):
-            raise ValueError(f"{name}: base weight does not match the one the adapter was trained on; "
-                             f"load the adapter onto a pristine copy of its own base model "
-                             f"(the same checkpoint, in any of float32, bfloat16 or float16)")
-    return cfgs
-
-
 def load_goat_state_dict(model, state):
     """Apply a saved adapter to a pristine copy of its base model (layers already
     wrapped are restored to W0 first): rebuilds W_res from the saved initial factors,
     then loads the trained A, B and router. Checks everything first: a refused
-    adapter (another base, shape or architecture, a missing key) changes nothing."""
+    adapter (another base, shape or architecture, a missing key, a broken tensor)
+    changes nothing. Half-precision adapter tensors are cast to the layer's dtype."""
     cfgs = _check_adapter(model, state)
     remove_goat(model)
 
     def make(mod, name):
-        ref = mod.weight
-        A0, B0 = (state[f"{name}.{k}"].to(ref.device) for k in ("lora_A0", "lora_B0"))
         cfg, scale = cfgs[name]
-        layer = GOATLinear(mod, cfg, name, factors=(A0, B0, scale))
+        layer = GOATLinear(mod, cfg, name, factors=(state[f"{name}.lora_A0"], state[f"{name}.lora_B0"], scale))
         with torch.no_grad():
             for key in ("lora_A", "lora_B", "lora_router"):
                 if getattr(layer, key) is not None:
@@ -874,15 +960,79 @@ def load_goat_state_dict(model, state):
     return _swap(model, list(cfgs), make)
 
 
-def remove_goat(model):
-    """Unwrap every GOATLinear, restoring W0 = W_res + c s B0 A0 (to float tolerance)."""
-    for name, mod in goat_layers(model):
-        with torch.no_grad():
-            mod.base.weight.copy_(mod.base.weight.to(mod.lora_A0.dtype) + mod._init_delta())
-        parent, child = _parent(model, name)
-        setattr(parent, child, mod.base)
-    return model
+def _read_adapter_config(state):
+    """CONFIG_KEY's per-layer table, each entry checked: {name: (GOATConfig, shape, scale)}."""
+    if not isinstance(state, dict) or CONFIG_KEY not in state:
+        raise ValueError(f"not a GOAT adapter: no {CONFIG_KEY!r} entry (write it with goat_state_dict)")
+    try:
+        layers = json.loads(state[CONFIG_KEY])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the adapter's {CONFIG_KEY!r} is not JSON ({e}): the file is damaged or was not "
+                         "written by goat_state_dict") from None
+    layers = layers.get("layers") if isinstance(layers, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"the adapter's {CONFIG_KEY!r} holds no 'layers' table of per-layer configs: the file "
+                         "is damaged or was not written by goat_state_dict")
+    fields = {f.name for f in dataclasses.fields(GOATConfig)}
+    keys = fields | {"shape", "scale"}
+    out = {}
+    for name, info in layers.items():
+        if not isinstance(info, dict):
+            raise ValueError(f"the adapter's config of layer {name!r} is {type(info).__name__}, not a table")
+        missing, unknown = keys - set(info), set(info) - keys
+        if missing or unknown:
+            raise ValueError(f"the adapter's config of layer {name!r} has "
+                             + "; ".join(f"{what} keys {sorted(keys)}" for what, keys in
+                                         (("missing", missing), ("unknown", unknown)) if keys)
+                             + ": it was not written by this goat.py's goat_state_dict")
+        try:
+            cfg = GOATConfig(**{k: info[k] for k in fields})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the adapter's config of layer {name!r} is invalid: {e}") from None
+        scale = info["scale"]
+        if not (isinstance(scale, list) and len(scale) == cfg.experts
+                and all(_is_number(s) and math.isfinite(s) and s > 0 for s in scale)):
+            raise ValueError(f"the adapter's config of layer {name!r} has scale={scale!r}; expected one positive "
+                             f"finite number per expert ({cfg.experts})")
+        out[name] = cfg, info["shape"], tuple(scale)
+    return out
 
 
-def trainable_parameters(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def _check_adapter(model, state):
+    """Every key, shape, dtype, config and base-weight fingerprint of a saved adapter
+    against `model`, before anything changes. Returns {layer name: (GOATConfig, s per expert)}."""
+    layers = _read_adapter_config(state)
+    modules = dict(model.named_modules())
+    for name, (cfg, shape, _) in layers.items():
+        mod = modules.get(name)
+        if mod is None:
+            raise ValueError(f"adapter layer {name!r} is not in this model: was it saved from another architecture?")
+        base = mod.base if isinstance(mod, GOATLinear) else mod
+        _check_linear(base, name)
+        m, n = base.weight.shape
+        if [m, n] != shape:
+            raise ValueError(f"{name}: adapter was saved for a weight of shape {shape}, "
+                             f"this model's is {[m, n]}; load it onto its own base model")
+        shapes = {"lora_A": (cfg.rank, n), "lora_B": (m, cfg.rank), "lora_A0": (cfg.rank, n),
+                  "lora_B0": (m, cfg.rank), "fingerprint": (2 + FINGERPRINT_PICKS,)}
+        if cfg.experts > 1:
+            shapes["lora_router"] = (cfg.experts, n)
+        for key, expected in shapes.items():
+            tensor = state.get(f"{name}.{key}")
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"adapter lacks {name}.{key}: the file is incomplete or not a GOAT adapter")
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"{name}.{key} has shape {tuple(tensor.shape)}, expected {expected}")
+            if not tensor.is_floating_point():
+                raise ValueError(f"{name}.{key} holds {tensor.dtype} values: adapter tensors are floating point "
+                                 "(the file is damaged or not a GOAT adapter)")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{name}.{key} holds NaN or inf: the adapter is broken (did its training diverge?)")
+    for name in layers:  # then the base weights: is this the model the adapter was trained on?
+        mod = modules[name]
+        pristine = mod.rebuild_w0() if isinstance(mod, GOATLinear) else mod.weight
+        if not fingerprints_match(state[f"{name}.fingerprint"], pristine):
+            raise ValueError(f"{name}: base weight does not match the one the adapter was trained on; "
+                             f"load the adapter onto a pristine copy of its own base model "
+                             f"(the same checkpoint, in any of float32, bfloat16 or float16)")
+    return {name: (cfg, scale) for name, (cfg, _, scale) in layers.items()}

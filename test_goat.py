@@ -159,6 +159,30 @@ def test_svd_on_another_device_gives_the_same_factors():
     torch.testing.assert_close(here.base.weight, there.base.weight)
 
 
+def test_random_inits_are_drawn_on_the_cpu_whatever_the_device():
+    """One seed, the same initial LoRA A and routers on any device and with or without FSDP
+    (whose model is still on the CPU when add_goat runs): both are drawn from the global CPU
+    generator, then moved. A meta weight stands in for a GPU: a draw made there would leave
+    the CPU generator untouched."""
+    cfg = goat.preset("molora", rank=8, experts=4, alpha=16)
+    weight = torch.randn(12, 16)
+    for draw in (lambda device: goat.init_factors(weight.to(device), cfg)[0],  # LoRA's A
+                 lambda device: goat.linear_init(4, 16, torch.float32, device)):  # a router
+        torch.manual_seed(0)
+        draw("cpu")
+        after_cpu = torch.get_rng_state()
+        torch.manual_seed(0)
+        assert draw("meta").is_meta
+        assert torch.equal(torch.get_rng_state(), after_cpu)  # the same draw, made on the CPU
+    torch.manual_seed(0)
+    A_cpu = goat.init_factors(weight, cfg)[0]
+    router_cpu = goat.linear_init(4, 16, torch.float32, "cpu")
+    base = nn.Linear(16, 12)
+    torch.manual_seed(0)  # and they are the layer's: A first, then the router
+    layer = GOATLinear(base, cfg)
+    assert torch.equal(layer.lora_A0, A_cpu) and torch.equal(layer.lora_router, router_cpu)
+
+
 # --- SPEC 4.2: the residual (Thm 3.4) ---------------------------------------------
 
 @given(layer_setups(inits=goat.SVD_INITS))
@@ -710,9 +734,9 @@ def test_upcycled_moe_starts_as_the_base_layer():
     (dict(rank=10, experts=4), "not divisible by experts"),
     (dict(rank=8, experts=4, top_k=0), "top_k"),
     (dict(rank=8, experts=4, top_k=5), "top_k"),
-    (dict(init="svd"), "unknown init"),
+    (dict(init="svd"), "init='svd' is unknown"),
     (dict(scaling="alpha"), "needs alpha"),
-    (dict(scaling="big"), "unknown scaling"),
+    (dict(scaling="big"), "scaling='big' is unknown"),
 ])
 def test_bad_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -134,10 +134,39 @@ def test_corrupt_images_are_skipped_with_their_names(tiny_vit_dir, image_dir, tm
     assert "skipped 1 unreadable image(s)" in out and "notes.jpg" in out and "empty.png" in out
     assert "skipped an unreadable image: " in out and "broken.png" in out
     result = read_result(tmp_path / "run")
-    assert result["train_examples"] == 121 and result["skipped_images"] >= 3
+    assert result["train_examples"] == 121 and result["skipped_images"]["train"] >= 2  # notes.jpg, broken.png
+    assert result["skipped_images"]["dev"] == 1  # empty.png: the metric and the baseline leave it out alike
     assert all(np.isfinite(read_losses(tmp_path / "run")))
     assert 0.0 <= metrics["dev"]["accuracy"] <= 1.0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["task"] == "images"
+
+
+def test_no_metric_over_nothing_and_the_baseline_scores_what_the_metric_scores(tiny_vit_dir, image_dir, tmp_path):
+    """Every test image truncated (readable headers, corrupt data): the run stops instead of
+    reporting accuracy over zero images. One truncated test image: the majority-class
+    baseline leaves it out exactly as the metric does."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(image_dir, root)
+    def truncate(path):  # the header survives: the file is read, and fails when decoded
+        path.write_bytes(path.read_bytes()[:max(50, path.stat().st_size // 3)])
+    for path in (root / "test").rglob("*.*"):
+        truncate(path)
+    with pytest.raises(SystemExit, match="no example could be scored"):
+        train.main(images(tiny_vit_dir, tmp_path / "run", root, "--max_steps=2"))
+    shutil.rmtree(root / "test")
+    shutil.copytree(image_dir / "test", root / "test")
+    bad = sorted((root / "test").rglob("*.png"))[0]
+    truncate(bad)
+    train.main(images(tiny_vit_dir, tmp_path / "one", root, "--max_steps=2"))
+    result = read_result(tmp_path / "one")
+    assert result["skipped_images"]["dev"] == 1
+    task = data.load_task("images", root)
+    train_labels = [ex["label"] for ex in task.train]
+    majority = max(sorted(set(train_labels)), key=train_labels.count)  # the commonest training label
+    labels = [ex["label"] for ex in task.evals["dev"] if ex["image"] != str(bad)]
+    expected = sum(label == majority for label in labels) / len(labels)  # over the 1 image fewer
+    assert result["majority_baseline"]["dev"]["accuracy"] == pytest.approx(expected)
 
 
 def test_full_fine_tuning_of_clip_under_ddp(tiny_clip_dir, image_dir, tmp_path):

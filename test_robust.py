@@ -1,8 +1,8 @@
-"""train.py under hostile use and on clusters: every flag checked before anything is
-written, output folders never silently reused, resume and --adapter checked against
-the flags, non-finite losses stop the run before they are saved, preemption by
-signal, no host sync per micro-step, activation checkpointing, one dropout stream
-per process, DDP resume, and FSDP2 on CPU processes (gloo) against one process."""
+"""train.py under hostile use: every flag checked before anything is written; output
+folders never silently reused (--overwrite removes only what train.py wrote, an
+evaluation never writes into a training run's folder); resume and --adapter checked
+against what they hold; non-finite values stop the run before they are saved; every
+rough edge gives a message that names the fix. Clusters: test_processes.py."""
 import json
 import math
 import os
@@ -15,16 +15,26 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
+import flags
 import goat
+import processes
+import run_folder
 import train
-from conftest import HERE, common, read_losses, read_result, run_script
+from conftest import HERE, common, read_losses, read_result
 
 
 def sst2(model_dir, out, glue_dir, *extra):
     return common(model_dir, out, "--task=sst2", f"--data_dir={glue_dir}", "--rank=8", "--experts=4",
                   "--batch_size=16", "--lr=5e-3", "--warmup=2", *extra)
+
+
+def refused(argv, match, capsys):
+    """flags.parse_args stops with status 2 and the message on stderr, as argparse does."""
+    with pytest.raises(SystemExit):
+        flags.parse_args(argv)
+    err = capsys.readouterr().err
+    assert __import__("re").search(match, err), err
 
 
 # --- flags ---------------------------------------------------------------------------------
@@ -35,138 +45,185 @@ def sst2(model_dir, out, glue_dir, *extra):
     (["--scaling=nan"], "scaling=nan must be a positive finite number"),
     (["--scaling=-1"], "scaling=-1.0 must be a positive finite number"),
     (["--method=pissa", "--alpha=0"], "alpha=0.0 must be a positive finite number"),
+    (["--alpha=nan"], "alpha=nan"),  # refused even where the paper's scaling ignores it
     (["--lr=0"], "--lr=0.0 must be a finite number in"),
     (["--lr=10"], "--lr=10.0 must be a finite number in .*AdamW"),
     (["--lr=nan"], "--lr=nan"),
+    (["--head_lr=0"], "--head_lr=0.0 must be a finite number in"),
     (["--epochs=-1"], "--epochs=-1.0 must be"),
     (["--max_train_examples=-5"], "--max_train_examples=-5 must be at least 1"),
     (["--max_eval_examples=0"], "--max_eval_examples=0 must be at least 1"),
+    (["--eval_batch_size=0"], "--eval_batch_size=0 must be at least 1"),
     (["--targets="], "--targets='' names no module"),
     (["--targets=,"], "names no module"),
-    (["--method=full-moe", "--experts=0", "--top_k=0"], "--experts=0 must be at least 1"),
-    (["--method=full-moe", "--top_k=9"], "--top_k=9 must be at most --experts=8"),
-    (["--lora_dropout=1"], "--lora_dropout=1.0"),
+    (["--method=full-moe", "--experts=0", "--top_k=0"], "--experts=0 --top_k=0: need experts >= 1"),
+    (["--method=full-moe", "--top_k=9"], "--top_k=9: need .* top_k <= experts"),
+    (["--lora_dropout=1"], "dropout"),
     (["--warmup=-2"], "--warmup=-2.0"),
+    (["--seed=1180591620717411303424"], r"--seed=\d+ must lie in \[0, 2\*\*63\)"),
     (["--resume", "--overwrite"], "pick one"),
+    (["--resume", "--max_steps=0"], "--resume continues training.*--adapter=<its folder> --max_steps=0"),
+    (["--lr=0", "--rank=0"], "bad flags:\n  --lr=0.0 .*\n  .*rank=0"),  # every problem at once
 ])
 def test_bad_flags_are_refused_with_the_flag_named(argv, match, capsys):
+    refused(argv, match, capsys)
+
+
+def test_help_shows_each_flag_with_its_one_default(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(argv)
-    assert __import__("re").search(match, capsys.readouterr().err), match
+        flags.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for action in flags.build_parser()._actions:
+        if action.option_strings and action.dest not in ("help", "version") and action.nargs != 0:
+            help_text = " ".join(action.help.split())
+            assert help_text.count("(default:") == 1, action.dest
+    assert "(default: None)" not in text
+
+
+def test_flags_that_mean_nothing_for_a_method_are_not_recorded(capsys):
+    args = flags.parse_args(["--method=full", "--rank=8", "--eta=0.5"])
+    assert args.rank is None and args.eta is None and args.experts is None
+    assert "--eta, --rank have no effect with --method=full" in capsys.readouterr().out
 
 
 def test_max_len_beyond_the_models_positions_is_refused(tiny_bert_dir, glue_dir, tmp_path):
     with pytest.raises(SystemExit, match="--max_len=256 exceeds the 128 positions"):
         train.main(sst2(tiny_bert_dir, tmp_path / "run", glue_dir, "--max_len=256", "--max_steps=2"))
-    assert not (tmp_path / "run" / "config.json").exists()
+    assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind
 
 
-def test_cuda_without_a_gpu_is_named(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what a CPU-only build or a hidden GPU says
-    with pytest.raises(SystemExit, match="--device=cuda, but this torch sees no CUDA GPU.*--device=cpu"):
-        train.main(sst2(tiny_bert_dir, tmp_path / "run", glue_dir, "--device=cuda", "--max_steps=2"))
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+def test_a_head_named_as_a_target_is_explained(tiny_bert_dir, glue_dir, tmp_path):
+    with pytest.raises(SystemExit, match="classifier.*task head"):
+        train.main(sst2(tiny_bert_dir, tmp_path / "run", glue_dir, "--targets=classifier", "--max_steps=2"))
 
 
 # --- the output folder ---------------------------------------------------------------------
 
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
 def test_readme_sequence_leaves_every_run_intact(tiny_bert_dir, glue_dir, tmp_path):
-    """Train into out/x, then evaluate its adapter with the default --out_dir."""
+    """Train into x, then evaluate its adapter with the default --out_dir: x-eval-sst2."""
     run = tmp_path / "goat_eta01"
     trained = train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=20"))
-    files = {name: (run / name).read_bytes() for name in ("adapter.safetensors", "metrics.jsonl", "result.json",
-                                                          "config.json")}
+    before = files_of(run)
     argv = [a for a in sst2(tiny_bert_dir, run, glue_dir) if not a.startswith("--out_dir")]
     evaluated = train.main(argv + ["--max_steps=0", f"--adapter={run}"])
     assert evaluated == trained
-    assert read_result(run / "eval-sst2")["metrics"] == read_result(run)["metrics"]
-    assert {name: (run / name).read_bytes() for name in files} == files
+    evaluation = read_result(tmp_path / "goat_eta01-eval-sst2")
+    assert evaluation["metrics"] == read_result(run)["metrics"]
+    assert evaluation["weights"] == f"--adapter={run}" and evaluation["trained_steps"] == 20
+    assert evaluation["steps"] == 0 and files_of(run) == before
     with pytest.raises(SystemExit, match="would overwrite the adapter it reads"):
         train.main(argv + ["--max_steps=0", f"--adapter={run}", f"--out_dir={run}", "--overwrite"])
-    with pytest.raises(SystemExit, match="holds a finished run"):  # the same evaluation again
+    with pytest.raises(SystemExit, match="holds a finished evaluation; pass --overwrite"):
         train.main(argv + ["--max_steps=0", f"--adapter={run}"])
-    assert {name: (run / name).read_bytes() for name in files} == files
+    assert files_of(run) == before
+
+
+def test_an_evaluation_never_writes_into_a_training_runs_folder(tiny_bert_dir, glue_dir, tmp_path):
+    run, other = tmp_path / "run", tmp_path / "other"
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=4"))
+    train.main(sst2(tiny_bert_dir, other, glue_dir, "--max_steps=2", "--seed=1"))
+    before = files_of(run)
+    for extra in (["--max_steps=0", "--overwrite"], ["--max_steps=0", "--overwrite", f"--adapter={other}"]):
+        with pytest.raises(SystemExit, match="an evaluation never writes into a training run's folder"):
+            train.main(sst2(tiny_bert_dir, run, glue_dir, *extra))
+    assert files_of(run) == before
+    unfinished = tmp_path / "unfinished"
+    killed_after_checkpoint(sst2(tiny_bert_dir, unfinished, glue_dir, "--max_steps=400", "--ckpt_every=2"), unfinished)
+    before = files_of(unfinished)
+    with pytest.raises(SystemExit, match="an evaluation never writes into a training run's folder"):
+        train.main(sst2(tiny_bert_dir, unfinished, glue_dir, "--max_steps=0", "--allow_resume_changes",
+                        f"--adapter={other}"))
+    assert files_of(unfinished) == before and run_folder.read_manifest(unfinished)["state"] == "running"
 
 
 def test_a_failed_run_destroys_nothing(tiny_bert_dir, glue_dir, tmp_path):
     run = tmp_path / "run"
     train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=4"))
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    with pytest.raises(SystemExit, match="holds a finished run"):
+    before = files_of(run)
+    with pytest.raises(SystemExit, match="holds a finished training run; pass --overwrite"):
         train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=4"))
     bad = [a if not a.startswith("--data_dir") else f"--data_dir={tmp_path / 'typo'}" for a in
            sst2(tiny_bert_dir, run, glue_dir, "--max_steps=4", "--overwrite")]
     with pytest.raises(SystemExit, match="no such file"):
         train.main(bad)
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert files_of(run) == before
 
 
-def test_two_runs_cannot_share_a_folder(tiny_bert_dir, glue_dir, tmp_path):
+def test_overwrite_removes_only_what_train_py_wrote(tiny_bert_dir, glue_dir, tmp_path):
+    """A model folder with a stray metrics.jsonl is no run: following the advice to
+    --overwrite must not delete the model. A run folder that gained a file of someone
+    else's is refused too, the file named."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    (model / "metrics.jsonl").write_text('{"step": 1}\n')
+    (model / "result.json").write_text("{}")
+    out = tmp_path / "out"
+    shutil.copytree(model, out)
+    before = files_of(out)
+    for flag in ((), ("--resume",), ("--overwrite",)):
+        with pytest.raises(SystemExit, match=r"holds files train.py did not write \(config.json, metrics.jsonl, "
+                                             r"model.safetensors, result.json"):
+            train.main(sst2(tiny_bert_dir, out, glue_dir, "--max_steps=2", *flag))
+    assert files_of(out) == before
+    run = tmp_path / "run"
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"holds files train.py did not write \(notes.txt\)"):
+        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2", "--overwrite"))
+    (run / "notes.txt").unlink()
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--overwrite"))
+    assert read_result(run)["steps"] == 3 and set(run_folder.read_manifest(run)["files"]) == \
+        {p.name for p in run.iterdir()} - {run_folder.MANIFEST}
+
+
+def test_folders_of_models_are_refused(tiny_bert_dir, glue_dir, tmp_path):
+    for flag in ((), ("--resume",), ("--overwrite",)):
+        with pytest.raises(SystemExit, match="the model's own folder"):
+            train.main(sst2(tiny_bert_dir, tiny_bert_dir, glue_dir, "--max_steps=2", *flag))
+    assert (tiny_bert_dir / "model.safetensors").exists() and (tiny_bert_dir / "config.json").exists()
+
+
+def hold_lock(folder):
+    """Another run holding the folder's lock, in a process of its own."""
+    code = (f"import fcntl, os, sys, time; fd = os.open({str(folder / 'train.lock')!r}, os.O_CREAT | os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_two_runs_cannot_share_a_folder_and_a_dead_runs_lock_is_free(tiny_bert_dir, glue_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = hold_lock(run)
     try:
-        (run / "train.lock").write_text(json.dumps({"pid": alive.pid, "host": os.uname().nodename,
-                                                    "machine": train.machine_identity()}))
         with pytest.raises(SystemExit, match="in use by another run"):
             train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))
     finally:
-        alive.kill()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (run / "train.lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename,
-                                                "machine": train.machine_identity()}))
-    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))  # a dead run's lock is taken over
+        holder.kill()  # however a run dies, the OS releases its lock
+        holder.wait()
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))
     assert not (run / "train.lock").exists() and (run / "result.json").exists()
 
 
-def test_a_lock_of_our_own_pid_is_stale_and_release_spares_another_runs_lock(tmp_path):
-    """A requeued container often gets the same pid and hostname as the run that died in it."""
-    import socket
-    path = tmp_path / "train.lock"
-    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "machine": train.machine_identity()}))
-    lock = train.Lock(tmp_path)  # taken over, not refused
-    assert json.loads(path.read_text())["token"] == lock.me["token"]
-    path.write_text(json.dumps({"pid": 1, "host": "node7", "token": "theirs"}))  # another run took it over
-    lock.release()
-    assert json.loads(path.read_text())["token"] == "theirs"
-    path.unlink()
-    lock = train.Lock(tmp_path)
-    lock.release()
-    assert not path.exists()
-    # another container with the same host name and, in its own pid namespace, our pid: alive, refused
-    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "machine": "other-boot:1"}))
-    with pytest.raises(SystemExit, match="in use by another run"):
-        train.Lock(tmp_path)
-
-
-def test_loader_workers_outlive_a_signal_to_the_process_group(tmp_path):
-    """torchrun signals the whole process group of each process it stops: the DataLoader's
-    workers must not die of it, or the main process raises before it can write its checkpoint."""
-    script = tmp_path / "group.py"
-    script.write_text(f"""
-import os, signal, sys
-sys.path.insert(0, {str(HERE)!r})
-import train
-items = [{{"input_ids": [1, 2, 3], "label": i % 2}} for i in range(64)]
-args = train.parse_args(["--batch_size=4"])
-env = train.SimpleNamespace(world=1, rank=0, device="cpu", fsdp=False)
-batches = train.Batches(items, args, env, train.partial(train.data.collate, pad_id=0))
-stop = train.StopSignals()
-stream = train.micro_batch_stream(batches, 0, 16, workers=1)
-next(stream)
-os.killpg(os.getpgid(0), signal.SIGTERM)
-for _ in range(10):
-    next(stream)
-print("received", stop.received)
-stream.close()  # as run() does: the workers ignore SIGTERM, so their owner ends them
-import multiprocessing
-print("workers left", len(multiprocessing.active_children()))
-""")
-    proc = subprocess.run([sys.executable, str(script)], cwd=HERE, capture_output=True, text=True, timeout=120,
-                          start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"received {int(signal.SIGTERM)}" in proc.stdout and "workers left 0" in proc.stdout
+def test_a_folder_that_cannot_be_written_is_named(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    """A read-only place: the message names the folder and the fix, in one process too."""
+    def read_only(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+    with monkeypatch.context() as m:  # root writes anywhere: the file system's refusal, as it would come
+        m.setattr(run_folder.Path, "mkdir", read_only)
+        with pytest.raises(SystemExit, match="cannot create --out_dir=.*Permission denied; choose a folder you can"):
+            train.main(sst2(tiny_bert_dir, tmp_path / "run", glue_dir, "--max_steps=2"))
+    real_open = os.open
+    (tmp_path / "existing").mkdir()
+    monkeypatch.setattr(run_folder.os, "open", lambda path, *a: read_only(path) if str(path).endswith("train.lock")
+                        else real_open(path, *a))
+    with pytest.raises(SystemExit, match="cannot write to --out_dir=.*existing: Permission denied; choose a folder"):
+        train.main(sst2(tiny_bert_dir, tmp_path / "existing", glue_dir, "--max_steps=2"))
 
 
 def test_a_failed_save_leaves_no_temp_file_and_still_prints_the_metric(tiny_bert_dir, glue_dir, tmp_path,
@@ -174,13 +231,51 @@ def test_a_failed_save_leaves_no_temp_file_and_still_prints_the_metric(tiny_bert
     def full_disk(f):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
-    real = train.atomic_write
-    monkeypatch.setattr(train, "atomic_write", lambda path, write: real(path, full_disk)
+    real = run_folder.atomic_write
+    monkeypatch.setattr(run_folder, "atomic_write", lambda path, write: real(path, full_disk)
                         if str(path).endswith(".safetensors") else real(path, write))
     with pytest.raises(SystemExit, match="could not write the adapter.*No space left"):
         train.main(sst2(tiny_bert_dir, tmp_path / "run", glue_dir, "--max_steps=3"))
     assert "RESULT {" in capsys.readouterr().out
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_a_blocked_checkpoint_says_whether_an_earlier_one_is_intact(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    real, steps = run_folder.atomic_write, []
+
+    def blocked_at_step(step):
+        def write(path, fill):
+            if str(path).endswith("ckpt.pt") and len(steps) == step - 1:
+                raise IsADirectoryError(21, "Is a directory", str(path) + ".tmp")  # something in the way
+            if str(path).endswith("ckpt.pt"):
+                steps.append(1)
+            return real(path, fill)
+        return write
+    for step, kept in ((1, "no checkpoint was written"), (2, "the previous checkpoint is intact")):
+        steps.clear()
+        monkeypatch.setattr(run_folder, "atomic_write", blocked_at_step(step))
+        with pytest.raises(SystemExit, match=f"could not write the checkpoint .* at step {2 * step}: .*{kept}"):
+            train.main(sst2(tiny_bert_dir, tmp_path / str(step), glue_dir, "--max_steps=4", "--ckpt_every=2"))
+
+
+def test_the_adapter_is_written_before_the_final_evaluation(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    """An evaluation that runs out of memory (a KV cache at the end of an LLM run) loses no
+    adapter; evaluation has its own batch size."""
+    sizes = []
+    real_predict = train.predict
+
+    def spy(model, examples, task, tokenizer, args, *rest):
+        sizes.append(args.eval_batch_size)
+        raise MemoryError("CUDA out of memory (as it were)")
+    monkeypatch.setattr(train, "predict", spy)
+    run = tmp_path / "run"
+    with pytest.raises(MemoryError):
+        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--eval_batch_size=7"))
+    assert (run / "adapter.safetensors").exists() and sizes == [7]
+    monkeypatch.setattr(train, "predict", real_predict)
+    metrics = train.main(sst2(tiny_bert_dir, tmp_path / "eval", glue_dir, "--max_steps=0", f"--adapter={run}",
+                              "--eval_batch_size=3"))
+    assert 0 <= metrics["dev"]["accuracy"] <= 1
 
 
 def killed_after_checkpoint(argv, out):
@@ -195,52 +290,66 @@ def killed_after_checkpoint(argv, out):
     assert not (out / "result.json").exists()
 
 
+# --- resume ---------------------------------------------------------------------------------
+
 def test_resume_checks_the_checkpoint_against_the_flags(tiny_bert_dir, glue_dir, tmp_path):
     run = tmp_path / "run"
     killed_after_checkpoint(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--ckpt_every=2"), run)
-    with pytest.raises(SystemExit, match="holds an unfinished run; pass --resume"):
+    with pytest.raises(SystemExit, match="holds an unfinished training run; pass --resume"):
         train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400"))
-    for flag, named in (("--rank=16", "--rank: checkpoint 8, now 16"), ("--method=lora", "--method: checkpoint"),
-                        ("--experts=2", "--experts: checkpoint 4, now 2"), ("--task=cola", "--task")):
+    for flag, named in (("--rank=16", r"--rank: 8 vs 16.*original flags \(.*--rank=8"),
+                        ("--method=lora", "--method: 'goat' vs 'lora'"), ("--experts=2", "--experts: 4 vs 2"),
+                        ("--task=cola", "--task")):
         argv = [a for a in sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--resume")
                 if not a.startswith(flag.split("=")[0] + "=")] + [flag]
         with pytest.raises(SystemExit, match=named):
             train.main(argv)
-    with pytest.raises(SystemExit, match="--global_batch: checkpoint 16, now 8.*--allow_resume_changes"):
+    with pytest.raises(SystemExit, match="--global_batch: 16 vs 8.*--allow_resume_changes"):
         train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--resume", "--batch_size=8"))
     other = tmp_path / "other"  # files with other contents: another run's data
     shutil.copytree(glue_dir, other)
-    rows = (other / "SST-2" / "train.tsv").read_text().splitlines()
-    (other / "SST-2" / "train.tsv").write_text("\n".join(rows[:-1]) + "\n")  # one training sentence fewer
-    with pytest.raises(SystemExit, match="trained on other data .training data: checkpoint [0-9a-f]{12}, now "):
+    rows = (other / "SST-2" / "train.tsv").read_text().split("\n")
+    (other / "SST-2" / "train.tsv").write_text("\n".join(rows[:-2]) + "\n")  # one training sentence fewer
+    with pytest.raises(SystemExit, match="training data: checkpoint [0-9a-f]{12}, now [0-9a-f]{12}"):
         train.main(sst2(tiny_bert_dir, run, other, "--max_steps=400", "--resume"))
+    with pytest.raises(SystemExit, match="beyond this run's 1 steps"):
+        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=1", "--resume", "--allow_resume_changes"))
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 9999, "loss": 0.')  # a torn last line from the crash
     moved = tmp_path / "moved"  # the same training file in another place (a requeued job), another dev set
     shutil.copytree(glue_dir, moved)
-    rows = (moved / "SST-2" / "dev.tsv").read_text().splitlines()
-    (moved / "SST-2" / "dev.tsv").write_text("\n".join(rows[:-1]) + "\n")
+    rows = (moved / "SST-2" / "dev.tsv").read_text().split("\n")
+    (moved / "SST-2" / "dev.tsv").write_text("\n".join(rows[:-2]) + "\n")
     train.main(sst2(tiny_bert_dir, run, moved, "--max_steps=6", "--resume", "--allow_resume_changes"))
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().split("\n") if line]
     assert rows[-1]["step"] == 6 and read_result(run)["steps"] == 6
     changes = json.loads((run / "config.json").read_text())["resumed_at_step_with_changes"]["changes"]
-    assert [c.split(":")[0] for c in changes] == ["--max_steps", "evaluation data"], changes  # the training data is the same
+    assert [c.split(":")[0] for c in changes] == ["--max_steps", "evaluation data"], changes
 
 
-def test_damaged_checkpoint_and_adapter_files_are_named(tiny_bert_dir, glue_dir, tmp_path):
+def test_resume_accepts_the_default_model_by_its_path(tiny_bert_dir, glue_dir, tmp_path):
+    assert flags.model_name("model", None) == flags.model_name("model", flags.default_model())
+    assert flags.differences({"model": None}, {"model": flags.default_model()}, ["model"], flags.model_name) == []
+    assert flags.differences({"model": "/a/x"}, {"model": "/b/x"}, ["model"], flags.model_name) == []
+    assert flags.differences({"model": "/a/x"}, {"model": "/a/y"}, ["model"], flags.model_name)
+
+
+def test_damaged_checkpoint_and_adapter_files_are_named(tiny_bert_dir, glue_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))
-    (run / "result.json").unlink()
-    (run / "ckpt.pt").write_bytes((run / "ckpt.pt").read_bytes()[:500])
+    killed_after_checkpoint(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--ckpt_every=2"), run)
+    good = (run / "ckpt.pt").read_bytes()
+    (run / "ckpt.pt").write_bytes(good[:500])
     with pytest.raises(SystemExit, match="ckpt.pt cannot be read"):
-        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2", "--resume"))
+        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--resume"))
     for foreign in ({"step": 3}, [1, 2]):  # a readable file, but not a checkpoint of train.py
         torch.save(foreign, run / "ckpt.pt")
         with pytest.raises(SystemExit, match="ckpt.pt is not a train.py checkpoint .no model, optimizer"):
-            train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2", "--resume"))
-    (run / "adapter.safetensors").write_bytes((run / "adapter.safetensors").read_bytes()[:300])
-    with pytest.raises(SystemExit, match="adapter.safetensors cannot be read"):
-        train.main(sst2(tiny_bert_dir, tmp_path / "eval", glue_dir, "--max_steps=0", f"--adapter={run}"))
+            train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--resume"))
+    done = tmp_path / "done"
+    train.main(sst2(tiny_bert_dir, done, glue_dir, "--max_steps=2"))
+    (done / "adapter.safetensors").write_bytes((done / "adapter.safetensors").read_bytes()[:300])
+    refused(sst2(tiny_bert_dir, tmp_path / "eval", glue_dir, "--max_steps=0", f"--adapter={done}"),
+            "adapter.safetensors cannot be read", capsys)
 
 
 def test_a_float16_run_resumes_with_its_loss_scale(tiny_bert_dir, glue_dir, tmp_path):
@@ -248,20 +357,21 @@ def test_a_float16_run_resumes_with_its_loss_scale(tiny_bert_dir, glue_dir, tmp_
     the scale it had, not a fresh 65536 (whose overflows would skip steps the whole run
     never skipped)."""
     run = tmp_path / "run"
-    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--ckpt_every=1", "--dtype=float16"))
+    killed_after_checkpoint(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--ckpt_every=2",
+                                 "--dtype=float16"), run)
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["dtype"] == "float16" and ckpt["scaler"]["scale"] > 0
-    ckpt["scaler"]["scale"], ckpt["step"] = 1024.0, 2  # as if it had backed off, and the run stopped at step 2
+    ckpt["scaler"]["scale"] = 1024.0  # as if it had backed off
     torch.save(ckpt, run / "ckpt.pt")
-    (run / "result.json").unlink()
-    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--ckpt_every=1", "--dtype=float16", "--resume"))
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--ckpt_every=1", "--dtype=float16", "--resume",
+                    "--allow_resume_changes", f"--max_steps={ckpt['step'] + 1}"))
     assert torch.load(run / "ckpt.pt", weights_only=True)["scaler"]["scale"] in (1024.0, 512.0)
 
 
 def test_a_stop_signal_is_checkpointed_before_any_evaluation(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
     """The grace period after SIGTERM is short: a stop at an --eval_every step writes its
     checkpoint and leaves; the evaluation waits for the resumed run."""
-    class SignalAtStep3(train.StopSignals):
+    class SignalAtStep3(processes.StopSignals):
         reads = 0
 
         @property
@@ -274,7 +384,7 @@ def test_a_stop_signal_is_checkpointed_before_any_evaluation(tiny_bert_dir, glue
             pass
     evaluated = []
     real_evaluate = train.evaluate
-    monkeypatch.setattr(train, "StopSignals", SignalAtStep3)
+    monkeypatch.setattr(processes, "StopSignals", SignalAtStep3)
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
@@ -283,36 +393,79 @@ def test_a_stop_signal_is_checkpointed_before_any_evaluation(tiny_bert_dir, glue
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 3 and len(evaluated) == 2  # steps 1 and 2
 
 
-def test_older_checkpoints_and_default_goat_adapters_keep_their_settings(tiny_bert_dir, glue_dir, tmp_path):
-    """A checkpoint that recorded --dtype=auto resumes as the run it was (float32 on a CPU);
-    a refused resume names the checkpoint's own flags; continuing from an adapter trained
-    with GOAT's default eta keeps GOAT's default learning rate (they are a pair)."""
+def test_resume_runs_no_svd(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    """The checkpoint holds the initial factors: resuming rebuilds W_res from them."""
     run = tmp_path / "run"
-    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--ckpt_every=1"))
-    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-    ckpt["config"]["dtype"], ckpt["step"] = "auto", 2
-    torch.save(ckpt, run / "ckpt.pt")
-    (run / "result.json").unlink()
-    with pytest.raises(SystemExit, match=r"--eta: checkpoint 1.0, now 0.5. Resume with the original flags \(--eta=1.0\)"):
-        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--resume", "--eta=0.5"))
-    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--resume"))  # auto on a CPU was float32
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter.json").write_text(json.dumps({"method": "goat", "eta": train.GOAT_DEFAULT["eta"]}))
-    assert train.parse_args([f"--adapter={adapter}"]).lr == train.GOAT_DEFAULT["lr"]
+    killed_after_checkpoint(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--ckpt_every=2"), run)
+
+    def no_svd(*a, **k):
+        raise AssertionError("an SVD ran on resume")
+    monkeypatch.setattr(goat, "init_factors", no_svd)
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=6", "--resume", "--allow_resume_changes"))
+    assert read_result(run)["steps"] == 6
 
 
-def test_adapter_flags_come_from_the_adapter_and_conflicts_are_refused(tiny_bert_dir, glue_dir, tmp_path):
+# --- adapters ----------------------------------------------------------------------------------
+
+def test_adapter_flags_come_from_the_adapter_file_and_conflicts_are_refused(tiny_bert_dir, glue_dir, tmp_path,
+                                                                           capsys):
     run = tmp_path / "molora"
     train.main(sst2(tiny_bert_dir, run, glue_dir, "--method=molora", "--max_steps=3"))
     base = [a for a in sst2(tiny_bert_dir, tmp_path / "x", glue_dir) if not a.startswith(("--rank", "--experts"))]
-    with pytest.raises(SystemExit):
-        train.parse_args(base + [f"--adapter={run}", "--method=lora"])
+    refused(base + [f"--adapter={run}", "--method=lora"], "was trained with other flags .--method: 'lora' vs 'molora'",
+            capsys)
     train.main([a for a in base if not a.startswith("--out_dir")] + [f"--out_dir={tmp_path / 'more'}",
                                                                       f"--adapter={run}", "--max_steps=2"])
     result, config = read_result(tmp_path / "more"), json.loads((tmp_path / "more" / "config.json").read_text())
     assert result["method"] == config["method"] == "molora" and config["experts"] == 4
-    assert result["trainable_params"] == read_result(run)["trainable_params"]
+    assert result["trainable_params"] == read_result(run)["trainable_params"] and result["trained_steps"] == 5
+
+
+def test_an_adapter_file_alone_says_what_it_is(tiny_bert_dir, glue_dir, tmp_path):
+    """A LoRA adapter.safetensors shared without its folder: method, rank and scale come from
+    the file's own metadata, not from train.py's defaults."""
+    run = tmp_path / "lora"
+    trained = train.main(sst2(tiny_bert_dir, run, glue_dir, "--method=lora", "--rank=4", "--alpha=16",
+                              "--max_steps=6"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shutil.copy(run / "adapter.safetensors", shared / "lora_adapter.safetensors")
+    argv = [a for a in sst2(tiny_bert_dir, tmp_path / "eval", glue_dir) if not a.startswith(("--rank", "--experts"))]
+    metrics = train.main(argv + ["--max_steps=0", f"--adapter={shared / 'lora_adapter.safetensors'}"])
+    config = json.loads((tmp_path / "eval" / "config.json").read_text())
+    assert (config["method"], config["rank"], config["alpha"]) == ("lora", 4, 16.0) and metrics == trained
+
+
+def test_adapters_with_bad_tensors_or_metadata_are_refused(tiny_bert_dir, glue_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    run = tmp_path / "run"
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3"))
+    with safe_open(str(run / "adapter.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(run / "adapter.safetensors")
+    key = next(k for k in tensors if k.endswith(".lora_B"))
+    bad = dict(tensors, **{key: tensors[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))})
+    save_file(bad, tmp_path / "nan.safetensors", metadata=meta)
+    with pytest.raises(SystemExit, match=f"{key}.*(NaN|finite)"):
+        train.main(sst2(tiny_bert_dir, tmp_path / "e1", glue_dir, "--max_steps=0",
+                        f"--adapter={tmp_path / 'nan.safetensors'}"))
+    save_file(dict(tensors, **{key: tensors[key].long()}), tmp_path / "int.safetensors", metadata=meta)
+    with pytest.raises(SystemExit, match=f"{key}.*(integer|float)"):
+        train.main(sst2(tiny_bert_dir, tmp_path / "e2", glue_dir, "--max_steps=0",
+                        f"--adapter={tmp_path / 'int.safetensors'}"))
+    half = {k: v.half() if k.endswith((".lora_A", ".lora_B")) else v for k, v in tensors.items()}
+    save_file(half, tmp_path / "half.safetensors", metadata=meta)  # a user's fp16 copy: loads
+    train.main(sst2(tiny_bert_dir, tmp_path / "e3", glue_dir, "--max_steps=0",
+                    f"--adapter={tmp_path / 'half.safetensors'}"))
+    save_file(tensors, tmp_path / "nometa.safetensors")
+    refused(sst2(tiny_bert_dir, tmp_path / "e4", glue_dir, "--max_steps=0",
+                 f"--adapter={tmp_path / 'nometa.safetensors'}"), "does not say how it was trained", capsys)
+    save_file(tensors, tmp_path / "badjson.safetensors", metadata=dict(meta, goat_config="{not json"))
+    with pytest.raises(SystemExit, match="goat_config"):
+        train.main(sst2(tiny_bert_dir, tmp_path / "e5", glue_dir, "--max_steps=0",
+                        f"--adapter={tmp_path / 'badjson.safetensors'}"))
+    assert not (tmp_path / "e5").exists()  # a refused evaluation leaves no folder
 
 
 def test_adapter_with_another_label_count_is_refused(tiny_bert_dir, glue_dir, tmp_path):
@@ -328,6 +481,14 @@ def test_adapter_with_another_label_count_is_refused(tiny_bert_dir, glue_dir, tm
                           "--max_steps=0", f"--adapter={run}"))
 
 
+def test_default_goat_adapters_keep_goats_default_pair(tiny_bert_dir, glue_dir, tmp_path):
+    """GOAT's default lr and eta were tuned as a pair: continuing from an adapter trained
+    with the default eta keeps the default lr."""
+    run = tmp_path / "run"
+    train.main([a for a in sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2") if a not in ("--eta=1", "--lr=5e-3")])
+    assert flags.parse_args([f"--adapter={run}"]).lr == flags.GOAT_DEFAULT["lr"]
+
+
 @pytest.mark.parametrize("content,match", [
     (b"", "the file is empty"),
     (b"sentence\tlabel\n", "no examples"),
@@ -339,21 +500,7 @@ def test_malformed_files_stop_with_their_name(content, match, tiny_bert_dir, tmp
     (tmp_path / "glue" / "SST-2" / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
     with pytest.raises(SystemExit, match=match):
         train.main(common(tiny_bert_dir, tmp_path / "run", "--task=sst2", f"--data_dir={tmp_path / 'glue'}"))
-    assert not (tmp_path / "run" / "config.json").exists()
-
-
-@pytest.mark.parametrize("rows,split,match", [
-    ([], "test.json", "no examples"),
-    ([{"instruction": "x", "input": "", "output": None, "answer": "true"}], "train.json", r"null or empty \['output'\]"),
-    ([{"instruction": None, "input": "", "output": "y", "answer": "true"}], "train.json", "instruction"),
-])
-def test_bad_instruction_files_stop_with_their_name(rows, split, match, tmp_path):
-    good = [{"instruction": "x", "input": None, "output": "y", "answer": "true"}]
-    (tmp_path / "toy").mkdir()
-    for name in ("train.json", "test.json"):
-        (tmp_path / "toy" / name).write_text(json.dumps(rows if name == split else good))
-    with pytest.raises(ValueError, match=match):
-        train.data.load_task("instruct", tmp_path, ["toy"])
+    assert not (tmp_path / "run").exists()
 
 
 # --- what stops a run ------------------------------------------------------------------------
@@ -381,8 +528,8 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(tiny_bert_dir,
 
 
 def test_a_diverging_loss_stops_the_run():
-    args = train.parse_args([])
-    health = train.Health("cpu")
+    args = flags.parse_args([])
+    health = processes.Health("cpu")
     health.check(1, [0.69, 1.0, 0.5, 0.0], args)
     health.check(10, [2.0, 1.0, 0.5, 0.0], args)  # worse, not diverged
     with pytest.raises(SystemExit, match="diverged at step 20: the loss rose from 0.69 to 4916"):
@@ -391,118 +538,28 @@ def test_a_diverging_loss_stops_the_run():
 
 def test_an_fp16_overflow_step_is_not_a_fault():
     """GradScaler skips a step whose gradients overflow: its gradient norm is inf by design."""
-    args = train.parse_args([])
-    health = train.Health("cpu")
+    args = flags.parse_args([])
+    health = processes.Health("cpu")
     health.check(1, [0.69, 1.0, float("inf"), 0.0], args, fp16=True)  # no stop
     with pytest.raises(SystemExit, match="NaN or infinite"):
         health.check(1, [0.69, 1.0, float("inf"), 0.0], args)  # bf16/fp32: a real fault
 
 
 def test_a_bad_step_on_another_process_stops_this_one_too():
-    """Under fp16 each process watches its own loss: the flag, summed with the logged
+    """Under fp16 each process watches its own loss: the flag, averaged with the logged
     values over processes, must stop every process at the same step (none left waiting)."""
-    args = train.parse_args([])
-    health = train.Health("cpu")
+    args = flags.parse_args([])
+    health = processes.Health("cpu")
     health.update(3, torch.tensor(0.7), torch.tensor(1.0))  # fine here
     assert float(health.flag()) == 0.0
     with pytest.raises(SystemExit, match="NaN or infinite by step 5 on another process"):
         health.check(5, [0.7, 1.0, 0.5, 0.5], args)  # another process's flag, averaged over 2
     with pytest.raises(SystemExit, match="NaN or infinite by step 5"):
-        train.Health("cpu").check(5, [float("nan"), 1.0, 0.5, 0.0], args)
+        processes.Health("cpu").check(5, [float("nan"), 1.0, 0.5, 0.0], args)
     health.update(4, torch.tensor(float("inf")), torch.tensor(1.0))
     assert float(health.flag()) == 1.0
     with pytest.raises(SystemExit, match="NaN or infinite at step 4"):
         health.check(5, [0.7, 1.0, 0.5, 0.5], args)
-
-
-def test_sigterm_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one(tiny_bert_dir, glue_dir, tmp_path):
-    flags = ["--max_steps=40", "--lora_dropout=0.1", "--batch_size=8"]
-    whole = run_script([sys.executable, "train.py", *sst2(tiny_bert_dir, tmp_path / "whole", glue_dir, *flags)])
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    argv = [sys.executable, "train.py", *sst2(tiny_bert_dir, tmp_path / "cut", glue_dir, *flags)]
-    proc = subprocess.Popen(argv, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and (not log.exists() or len(log.read_text().splitlines()) < 8):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "stopped by SIGTERM" in out and "--resume" in out
-    assert (tmp_path / "cut" / "ckpt.pt").exists() and not (tmp_path / "cut" / "result.json").exists()
-    stopped_at = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
-    assert 8 <= stopped_at < 40
-    resumed = run_script(argv + ["--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    torch.testing.assert_close(torch.tensor(read_losses(tmp_path / "cut")), torch.tensor(read_losses(tmp_path / "whole")))
-    from safetensors.torch import load_file
-    a, b = load_file(tmp_path / "cut" / "adapter.safetensors"), load_file(tmp_path / "whole" / "adapter.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert read_result(tmp_path / "cut")["metrics"] == read_result(tmp_path / "whole")["metrics"]
-
-
-# --- the step ----------------------------------------------------------------------------------
-
-class HostSyncs(torch.overrides.TorchFunctionMode):
-    """Counts the calls that make the host wait for a value on the device. The test runs
-    the step on the meta device, which stands in for a GPU here: host tensors (the
-    batch as collated, the data order, the optimizer's step counts) stay on the CPU."""
-    SYNCS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero"}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in self.SYNCS and args and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu":
-            self.calls.append(name)
-        if name == "to" and args and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu" and \
-                "cpu" in [str(a) for a in args[1:]] + [str(v) for v in (kwargs or {}).values()]:
-            self.calls.append("to(cpu)")
-        return func(*args, **(kwargs or {}))
-
-
-class TinyLM(nn.Module):
-    """A pure-PyTorch model with a .loss output: whatever syncs happen are GOAT's or train.py's."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(50, 32)
-        self.body = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
-        self.head = nn.Linear(32, 50)
-
-    def forward(self, input_ids, attention_mask, labels):
-        logits = self.head(self.body(self.embed(input_ids)))
-        return type("Out", (), {"loss": nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())})()
-
-
-def test_a_training_step_has_no_host_sync():
-    torch.manual_seed(0)
-    model = TinyLM()
-    goat.add_goat(model, goat.GOATConfig(rank=8, experts=4, top_k=2, dropout=0.1), exclude=("head",))
-    model.to("meta").train()
-    items = [{"input_ids": list(range(i, i + 6)), "labels": list(range(i + 1, i + 7))} for i in range(32)]
-    args = train.parse_args(["--batch_size=4", "--grad_accum=3"])
-    env = train.SimpleNamespace(world=1, rank=0, device="meta", fsdp=False)
-    batches = train.Batches(items, args, env, train.partial(train.data.collate, pad_id=0))
-    stream = train.micro_batch_stream(batches, 0, 2, workers=0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    health = train.Health("meta")
-    with HostSyncs() as syncs:
-        for step in range(2):
-            micro_batches = [next(stream) for _ in range(args.grad_accum)]
-            loss, balance, norm, _, _ = train.train_step(model, model, micro_batches, optimizer, scaler, params, args,
-                                                         env, train.nullcontext(), True)
-            health.update(step + 1, loss, norm)
-    assert syncs.calls == [], syncs.calls
-    assert loss.device.type == "meta" and all(p.grad is None for p in params)  # the step ran to the end
-    with HostSyncs() as syncs, pytest.raises(Exception):  # the counter does see a sync
-        loss.item()
-    assert syncs.calls == ["item"]
 
 
 def test_a_micro_batch_without_labels_trains_on_without_nan():
@@ -513,19 +570,20 @@ def test_a_micro_batch_without_labels_trains_on_without_nan():
                                                      num_attention_heads=2, intermediate_size=64, num_labels=3))
     goat.add_goat(model, goat.GOATConfig(rank=8, experts=4, top_k=2), exclude=("classifier",))
     model.classifier.requires_grad_(True)
-    args = train.parse_args(["--batch_size=4"])
-    env = train.SimpleNamespace(world=1, rank=0, device="cpu", fsdp=False)
+    args = flags.parse_args(["--batch_size=4"])
     batch = {"input_ids": torch.randint(0, 60, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
              "labels": torch.full((4,), -100)}
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss, _, norm, _, _ = train.train_step(model.train(), model, [batch], torch.optim.SGD(params, lr=0.1), scaler,
-                                           params, args, env, train.nullcontext(), True)
+                                           params, args, processes.Processes(), train.nullcontext())
     assert float(loss) == 0.0 and math.isfinite(float(norm))
     assert all(torch.isfinite(p).all() for p in params)
     assert any(not torch.equal(p, b) for p, b in zip(params, before))  # the balance loss still trained the routers
 
+
+# --- precision and memory --------------------------------------------------------------------
 
 def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_bert_dir):
     from transformers import AutoModelForSequenceClassification
@@ -536,7 +594,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_bert_dir):
         goat.add_goat(model, goat.GOATConfig(rank=8, experts=4, top_k=2, dropout=0.0))
         model.classifier.requires_grad_(True)
         if checkpointing:
-            train.enable_grad_checkpointing(model)
+            processes.enable_grad_checkpointing(model)
         model.train()
         ids = torch.randint(5, 30, (4, 9), generator=torch.Generator().manual_seed(1))
         loss = model(input_ids=ids, labels=torch.tensor([0, 1, 1, 0])).loss + 0.1 * goat.balance_loss(model)
@@ -566,232 +624,7 @@ def test_a_bf16_run_on_cpu_and_its_adapter_on_a_float32_base(tiny_bert_dir, glue
     assert 0.0 <= metrics["dev"]["accuracy"] <= 1.0
 
 
-# --- several processes (gloo on the CPU) -----------------------------------------------------
-
-def torchrun(argv, nproc=2):
-    return run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       "train.py", *argv])
-
-
-def _loader_worker_view(queue):
-    train.leave_process_group(0)
-    queue.put((os.getpgid(0) == os.getpid(), [signal.getsignal(s) == signal.SIG_IGN for s in train.STOP_SIGNALS]))
-
-
-def test_loader_workers_are_out_of_reach_of_the_stop_signals():
-    """SLURM signals every process of the step and torchrun the whole process group: a
-    loader worker killed by that SIGTERM would crash the step before its checkpoint."""
-    import multiprocessing
-    ctx = multiprocessing.get_context("fork")  # as the DataLoader starts its workers on Linux
-    queue = ctx.Queue()
-    worker = ctx.Process(target=_loader_worker_view, args=(queue,))
-    worker.start()
-    own_group, ignored = queue.get(timeout=60)
-    worker.join(timeout=60)
-    assert own_group and all(ignored), (own_group, ignored)
-
-
-def test_torchrun_processes_exit_with_the_status_python_would_give(capsys):
-    """Under torchrun train.py leaves by os._exit (no interpreter shutdown for gloo's threads
-    to abort): the status and message must be the ones Python itself would give."""
-    assert train.exit_status(SystemExit(None)) == 0 and train.exit_status(SystemExit(0)) == 0
-    assert train.exit_status(SystemExit(143)) == 143  # a preempted run: 128 + SIGTERM
-    assert train.exit_status(SystemExit("--world_size: checkpoint 2, now 1")) == 1
-    assert "--world_size: checkpoint 2, now 1" in capsys.readouterr().err
-    try:
-        raise ValueError("a bug")
-    except ValueError as e:
-        assert train.exit_status(e) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" in err and "ValueError: a bug" in err
-    assert train.exit_status(KeyboardInterrupt()) == 130  # Ctrl-C in a terminal: 128 + SIGINT, as Python's own exit
-
-
-def test_ddp_dropout_streams_differ_per_process_and_a_preempted_run_resumes(tiny_bert_dir, glue_dir, tmp_path):
-    """Two processes with dropout: each draws its own masks (their random states differ),
-    a SIGTERM to the launcher stops both after the same step with one checkpoint, and
-    the resumed run ends where an uninterrupted one does."""
-    flags = ["--max_steps=40", "--lora_dropout=0.1", "--batch_size=4", "--ckpt_every=1000"]
-    whole = torchrun(sst2(tiny_bert_dir, tmp_path / "whole", glue_dir, *flags))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    rngs = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)["rng"]
-    assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"])
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train.py", *sst2(tiny_bert_dir, cut, glue_dir, *flags)], cwd=HERE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = cut / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and (not log.exists() or len(log.read_text().splitlines()) < 5):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)  # the scheduler's preemption notice, to the launcher
-    out = proc.communicate(timeout=180)[0]
-    assert "stopped by SIGTERM" in out, out[-3000:]
-    stopped_at = torch.load(cut / "ckpt.pt", weights_only=True)["step"]
-    assert 5 <= stopped_at < 40 and not (cut / "result.json").exists()
-    resumed = torchrun(sst2(tiny_bert_dir, cut, glue_dir, *flags, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {cut / 'ckpt.pt'} at step {stopped_at}" in resumed.stdout
-    np.testing.assert_allclose(read_losses(cut), read_losses(tmp_path / "whole"), rtol=1e-5)
-    assert read_result(cut)["metrics"] == read_result(tmp_path / "whole")["metrics"]
-    (cut / "result.json").unlink()
-    with pytest.raises(SystemExit, match="--world_size: checkpoint 2, now 1"):  # one process: refused
-        train.main(sst2(tiny_bert_dir, cut, glue_dir, *flags, "--resume", "--batch_size=8"))
-
-
-def test_resume_runs_no_svd(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
-    """The checkpoint holds the initial factors: resuming rebuilds W_res from them."""
-    run = tmp_path / "run"
-    killed_after_checkpoint(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--ckpt_every=2"), run)
-
-    def no_svd(*a, **k):
-        raise AssertionError("an SVD ran on resume")
-    monkeypatch.setattr(goat, "init_factors", no_svd)
-    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=6", "--resume", "--allow_resume_changes"))
-    assert read_result(run)["steps"] == 6
-
-
-def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path):
-    """Same global batch, same result. The balance loss is off: it is computed on each
-    process's micro-batch (a product of two means, not linear in the batch), so with it
-    the runs differ by design, as DDP runs of the reference code do."""
-    flags = ["--lora_dropout=0", "--max_steps=6", "--grad_accum=2", "--balance_coef=0"]
-    single = run_script([sys.executable, "train.py", *sst2(tiny_bert_dir, tmp_path / "one", glue_dir, *flags,
-                                                           "--batch_size=8")])
-    assert single.returncode == 0, single.stderr[-3000:]
-    sharded = torchrun(sst2(tiny_bert_dir, tmp_path / "fsdp", glue_dir, *flags, "--batch_size=4", "--fsdp"))
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
-    np.testing.assert_allclose(read_losses(tmp_path / "fsdp"), read_losses(tmp_path / "one"), rtol=1e-4, atol=1e-5)
-    assert read_result(tmp_path / "fsdp")["metrics"] == read_result(tmp_path / "one")["metrics"]
-    from safetensors.torch import load_file
-    a, b = load_file(tmp_path / "fsdp" / "adapter.safetensors"), load_file(tmp_path / "one" / "adapter.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=key)
-    ckpt = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)  # a whole, unsharded checkpoint
-    assert ckpt["step"] == 6 and ckpt["optimizer"]["state"]
-    metrics = train.main(sst2(tiny_bert_dir, tmp_path / "eval", glue_dir, "--max_steps=0",
-                              f"--adapter={tmp_path / 'fsdp'}"))  # its adapter, in one process
-    assert metrics["dev"] == read_result(tmp_path / "fsdp")["metrics"]["dev"]
-
-
-def test_folders_train_py_did_not_write_are_refused(tiny_bert_dir, glue_dir, tmp_path):
-    for flag in ((), ("--resume",), ("--overwrite",)):
-        with pytest.raises(SystemExit, match="the model's own folder"):
-            train.main(sst2(tiny_bert_dir, tiny_bert_dir, glue_dir, "--max_steps=2", *flag))
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "config.json").write_text("{}")  # e.g. a model someone saved there
-    for flag in ((), ("--resume",), ("--overwrite",)):
-        with pytest.raises(SystemExit, match="holds files that train.py did not write"):
-            train.main(sst2(tiny_bert_dir, foreign, glue_dir, "--max_steps=2", *flag))
-    assert (foreign / "config.json").read_text() == "{}"
-    assert (tiny_bert_dir / "model.safetensors").exists() and (tiny_bert_dir / "config.json").exists()
-
-
 def test_zero_epochs_with_steps_trains():
-    args = train.parse_args(["--epochs=0", "--max_steps=5"])
+    args = flags.parse_args(["--epochs=0", "--max_steps=5"])
     assert not args.evaluate_only and args.out_dir == "out"
-    assert train.parse_args(["--epochs=0"]).evaluate_only and train.parse_args(["--max_steps=0"]).evaluate_only
-
-
-def _two_processes(rank, world, port, results):
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    env = train.SimpleNamespace(rank=rank, world=world, distributed=True, control=dist.group.WORLD, master=rank == 0)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
-    model[0].requires_grad_(False)
-    outcome = {}
-    try:
-        train.check_identical(model, env)
-        outcome["same"] = "ok"
-    except SystemExit as e:
-        outcome["same"] = str(e)
-    if rank == 1:
-        with torch.no_grad():
-            model[0].weight[0, 0] += 1.0  # another model file on this node
-    try:
-        train.check_identical(model, env)
-        outcome["frozen"] = "ok"
-    except SystemExit as e:
-        outcome["frozen"] = str(e)
-    args = train.parse_args(["--rank=8"] if rank == 0 else ["--rank=16"])
-    try:
-        train.check_same_flags(args, env)
-        outcome["flags"] = "ok"
-    except SystemExit as e:
-        outcome["flags"] = str(e)
-
-    def fails_on_1():  # e.g. a data file missing on one node
-        if rank == 1:
-            raise SystemExit("data: missing on this node")
-        return "loaded"
-    try:
-        outcome["together"] = train.together(env, fails_on_1)
-    except SystemExit as e:
-        outcome["together"] = str(e)
-    # the SVD of layer "1" (too small for the rank) runs on its owner, process 1, alone
-    small = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
-    env.device = "cpu"
-    try:
-        train.shared_factors(small, goat.GOATConfig(rank=8, experts=4, top_k=2), "all-linear", (), env)
-        outcome["svd"] = "ok"
-    except (SystemExit, ValueError) as e:
-        outcome["svd"] = f"{type(e).__name__}: {e}"
-
-    def write_fails():  # rank 0's checkpoint write on a full disk
-        raise SystemExit("could not write the checkpoint")
-    try:
-        train.from_rank0(env, write_fails)
-        outcome["write"] = "ok"
-    except SystemExit as e:
-        outcome["write"] = str(e)
-    import data
-    task = data.Task("t", "classification", [], {"dev": [{"text": "x", "label": 0}]}, "accuracy", ["a", "b"])
-    same = [{"input_ids": [1, 2], "label": 0}] * 3
-    train.check_same_data(env, task, same, train.data_fingerprint(task, same))  # the same: passes
-    items = [{"input_ids": [1, 2], "label": 0}] * (3 if rank == 0 else 4)  # node 1 holds another copy
-    try:
-        train.check_same_data(env, task, items, train.data_fingerprint(task, items))
-        outcome["data"] = "ok"
-    except SystemExit as e:
-        outcome["data"] = str(e)
-    results[rank] = outcome
-    dist.destroy_process_group()
-
-
-def test_processes_must_hold_the_same_weights_and_flags():
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_two_processes, args=(2, port, results), nprocs=2)
-    for rank in (0, 1):
-        assert results[rank]["same"] == "ok"
-        assert "different weights (1 tensors, e.g. 0.weight)" in results[rank]["frozen"]
-        assert "different flags (--alpha: 16.0 vs 32.0; --rank: 8 vs 16)" in results[rank]["flags"]
-        assert results[rank]["write"] == "could not write the checkpoint"  # both stop, none waits
-        assert "the processes read different data (process 0: 3 training examples" in results[rank]["data"]
-        assert "process 1: 4 training examples" in results[rank]["data"]
-    assert results[1]["together"] == "data: missing on this node"
-    assert results[0]["together"] == "process 0 stops: another process failed (see its message)"
-    assert results[1]["svd"].startswith("ValueError: 1: SVD segment length")
-    assert results[0]["svd"] == "SystemExit: process 0 stops: another process failed (see its message)"
-
-
-def test_fsdp_with_a_bf16_base_under_autocast(tiny_bert_dir, glue_dir, tmp_path):
-    """The CUDA default (bf16 frozen base, float32 adapters, bf16 autocast) sharded over two
-    CPU processes: one FSDP group holds both dtypes, and the memory-saving autocast path
-    runs inside it."""
-    sharded = torchrun(sst2(tiny_bert_dir, tmp_path / "fsdp", glue_dir, "--max_steps=6", "--batch_size=4",
-                            "--fsdp", "--dtype=bfloat16"))
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
-    assert all(np.isfinite(read_losses(tmp_path / "fsdp")))
-    from safetensors.torch import load_file
-    saved = load_file(tmp_path / "fsdp" / "adapter.safetensors")
-    assert all(v.dtype == torch.float32 for k, v in saved.items() if ".lora_" in k)
+    assert flags.parse_args(["--epochs=0"]).evaluate_only and flags.parse_args(["--max_steps=0"]).evaluate_only

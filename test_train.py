@@ -9,18 +9,21 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
 import data
+import flags
+import run_folder
 import train
 from conftest import HERE, NEGATIVE, POSITIVE, SHARED_DATA, common, read_losses, read_result, run_script
 
 # --- every method learns ----------------------------------------------------------
 
-@pytest.mark.parametrize("method", train.METHODS)
+@pytest.mark.parametrize("method", flags.METHODS)
 def test_every_method_trains_and_its_loss_falls(method, tiny_bert_dir, glue_dir, tmp_path):
     train.main(common(tiny_bert_dir, tmp_path, "--task=sst2", f"--data_dir={glue_dir}", f"--method={method}",
                       "--rank=8", "--experts=4" if method in ("goat", "molora", "full-moe") else "--rank=8",
@@ -256,17 +259,17 @@ def test_missing_files_and_bad_json_are_clear(tmp_path):
     (["--method=dora"], "invalid choice: 'dora'.*choose from.*goat"),
     (["--task=imagenet"], "invalid choice: 'imagenet'"),
     (["--scaling=huge"], "choose one of"),
-    (["--rank=0"], "--rank=0 must be at least 1"),
+    (["--rank=0"], "--rank=0 must be a positive integer"),
     (["--rank=twelve"], "invalid int value"),
 ])
 def test_bad_flags_list_the_valid_choices(argv, match, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(argv)
+        flags.parse_args(argv)
     assert re.search(match, capsys.readouterr().err, re.S)
 
 
 def test_both_flag_forms_are_accepted():
-    a, b = train.parse_args(["--rank=16", "--method=lora"]), train.parse_args(["--rank", "16", "--method", "lora"])
+    a, b = flags.parse_args(["--rank=16", "--method=lora"]), flags.parse_args(["--rank", "16", "--method", "lora"])
     assert vars(a) == vars(b) and a.rank == 16 and a.alpha == 32
 
 
@@ -337,13 +340,13 @@ def test_saved_adapter_reproduces_the_metric_on_a_pristine_model(method, tiny_be
 
 def test_checkpoint_writes_are_atomic(tmp_path):
     target = tmp_path / "ckpt.pt"
-    train.atomic_write(target, lambda f: f.write(b"old"))
+    run_folder.atomic_write(target, lambda f: f.write(b"old"))
 
     def crash(f):
         f.write(b"half")
         raise RuntimeError("killed mid-write")
     with pytest.raises(RuntimeError):
-        train.atomic_write(target, crash)
+        run_folder.atomic_write(target, crash)
     assert target.read_bytes() == b"old"
 
 
@@ -392,9 +395,8 @@ def test_sentence_pairs_keep_their_segment_ids(tiny_bert_dir):
     batch = data.collate(items, tokenizer.pad_token_id)
     assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # [CLS] good movie [SEP] bad film plot [SEP]
     assert batch["token_type_ids"][1].tolist() == [0, 0, 0, 0, 1, 1, 1, 0]  # padded with 0
-    args = train.parse_args(["--batch_size=2"])
-    env = train.SimpleNamespace(world=1, rank=0)
-    micro = train.Batches(items * 4, args, env, train.partial(data.collate, pad_id=0)).micro(0, 0)
+    args = flags.parse_args(["--batch_size=2"])
+    micro = train.Batches(items * 4, partial(data.collate, pad_id=0), args, 0, 1, 0, 1)[0]
     assert "token_type_ids" in micro and micro["token_type_ids"].max() == 1
 
 
@@ -444,4 +446,4 @@ def test_cut_instruction_responses_are_counted_and_empty_ones_left_out(tiny_llam
     assert "cuts the response of 4 of 4 training examples (100.0%)" in out and "2 (50.0%) keep no response token" in out
     with pytest.raises(ValueError, match="leaves no response token in any training example"):
         data.encode_generation([long], tokenizer, 10)
-    assert train.parse_args(["--task=instruct"]).max_len == 512 and train.parse_args([]).max_len == 128
+    assert flags.parse_args(["--task=instruct"]).max_len == 512 and flags.parse_args([]).max_len == 128

@@ -1,0 +1,425 @@
+"""
+train.py's processes: one, or one of torchrun's (RANK, LOCAL_RANK, WORLD_SIZE), with
+NCCL on GPUs and gloo on CPUs. Rank 0 decides and the others follow; a failure on
+one process stops all of them (none is left waiting in a collective until the NCCL
+timeout); every process must hold the same flags, data and weights. Also DDP and
+FSDP2 wrapping, the stop signals, and how a torchrun process exits.
+
+Rank by rank: every function here is called by every process at the same point, so
+their collectives match; only what `from_rank0` runs is rank 0's alone.
+"""
+import ctypes
+import math
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import goat
+
+# SIGTERM and SIGUSR1 are a cluster's preemption notices; SIGINT is Ctrl-C. Each finishes
+# the current optimizer step and writes the checkpoint before the run exits.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+@dataclass
+class Processes:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    fsdp: bool = False
+    control: object = None  # a gloo group for small messages (decisions, stops) that never waits on a GPU
+
+    @property
+    def distributed(self):
+        return self.world > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return torch.device(self.device).type
+
+
+def start(args):
+    """The processes of this run; args.device resolved ("cuda" becomes "cuda:<index>")."""
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SystemExit(f"--device={device} is not a device; use auto, cpu, cuda or cuda:<index>") from None
+    if kind not in ("cpu", "cuda"):
+        raise SystemExit(f"--device={device}: train.py runs on cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device={device}, but this torch sees no CUDA GPU (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}): install a CUDA build of torch, check "
+                         f"CUDA_VISIBLE_DEVICES, or run with --device=cpu")
+    env = Processes(fsdp=args.fsdp)
+    if "RANK" in os.environ:
+        env.rank, env.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        env.local_rank = int(os.environ.get("LOCAL_RANK", 0))  # a launcher with one process per machine may not set it
+    if kind == "cuda":
+        index = torch.device(device).index
+        if index is None:  # modulo: a scheduler may show each process only its own GPU (srun --gpus-per-task=1)
+            index = env.local_rank % torch.cuda.device_count()
+        device = f"cuda:{index}"
+        torch.cuda.set_device(index)  # an index: "cuda" alone is refused by set_device
+    env.device = device
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        env.control = dist.new_group(backend="gloo") if kind == "cuda" else dist.group.WORLD
+    if args.fsdp and args.dtype == "float16":
+        raise SystemExit("--fsdp with --dtype=float16 is not supported (its loss scaling is per process); use bfloat16")
+    if args.fsdp and kind == "cuda" and args.dtype in ("auto", "bfloat16") \
+            and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 8):
+        raise SystemExit(f"--fsdp with a bf16 base needs torch >= 2.8 (one FSDP group then holds the frozen bf16 "
+                         f"base and the float32 adapters; pytorch#154103); this is {torch.__version__}")
+    if args.fsdp and "RANK" not in os.environ:
+        print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
+        env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
+    return env
+
+
+def stop(env):
+    if env.distributed:
+        dist.destroy_process_group()
+
+
+def print0(env, *a, **k):
+    if env.master:
+        print(*a, **k, flush=True)
+
+
+def gather(env, value):
+    """[value of process 0, value of process 1, ...] on every process (small Python values)."""
+    if not env.distributed:
+        return [value]
+    everyone = [None] * env.world
+    dist.all_gather_object(everyone, value, group=env.control)
+    return everyone
+
+
+def same_everywhere(env, value, what, fix, describe=None):
+    """Stop every process if `value` differs between them, showing each process's (or
+    what describe(process 0's, another's) says of the difference)."""
+    everyone = gather(env, value)
+    other = next((v for v in everyone if v != everyone[0]), None)
+    if other is not None:
+        seen = describe(everyone[0], other) if describe else \
+            "; ".join(f"process {rank}: {v}" for rank, v in enumerate(everyone))
+        raise SystemExit(f"the processes {what} ({seen}): {fix}")
+
+
+def from_rank0(env, make):
+    """make() on rank 0, its value (or the SystemExit it raised) on every rank: rank 0
+    decides (resume, out_dir) and the others follow, with no shared file system needed."""
+    result = None
+    if env.master:
+        try:
+            result = ("ok", make())
+        except SystemExit as e:
+            result = ("exit", e.code)  # a message, or a status
+        except Exception as e:  # the others must not wait for a value that never comes
+            result = ("exit", f"{type(e).__name__}: {e}" if not env.distributed else
+                      f"rank 0 failed: {type(e).__name__}: {e}")
+    if env.distributed:
+        box = [result]
+        dist.broadcast_object_list(box, src=0, group=env.control)
+        result = box[0]
+    if result[0] == "exit":
+        raise SystemExit(result[1])
+    return result[1]
+
+
+def any_rank(env, flag):
+    """True on every rank if `flag` is true on any (over the CPU control group)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control)
+    return bool(t.item())
+
+
+def together(env, work):
+    """work() on every process; if it fails on any, every process stops, so none is left
+    waiting in a collective for one that is gone (until the NCCL timeout)."""
+    error, result = None, None
+    try:
+        result = work()
+    except (SystemExit, Exception) as e:  # a missing file on one node, an SVD out of memory on one GPU
+        error = e
+    if any_rank(env, error is not None):
+        raise error or SystemExit(f"process {env.rank} stops: another process failed (see its message)")
+    return result
+
+
+def mean_over_processes(env, tensors):
+    """The mean over processes of a few scalar device tensors, as floats: the loss of the
+    whole global batch, not one process's share. The one host sync of a step."""
+    values = torch.stack([t.to(tensors[0].device) for t in tensors])
+    if env.distributed:
+        dist.all_reduce(values)
+        values /= env.world
+    return values.tolist()
+
+
+def seed_per_rank(seed, rank):
+    """After identical initial adapters, each process draws its own dropout masks."""
+    torch.manual_seed(seed + 100_003 * (rank + 1))
+
+
+def broadcast_tree(env, tree, src=0):
+    """Process src's nested dicts/lists of tensors and plain values, on every process, one
+    tensor at a time (through the device's backend): no process ever holds a second,
+    serialised copy of a checkpoint. The others pass None."""
+    if not env.distributed:
+        return tree
+    sender = env.rank == src
+
+    def skeleton(node):
+        if isinstance(node, torch.Tensor):
+            return ("tensor", tuple(node.shape), str(node.dtype).replace("torch.", ""))
+        if isinstance(node, dict):
+            return {k: skeleton(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(skeleton(v) for v in node)
+        return node
+    box = [skeleton(tree) if sender else None]
+    dist.broadcast_object_list(box, src=src, group=env.control)
+
+    def fill(shape, node):
+        if isinstance(shape, tuple) and len(shape) == 3 and shape[0] == "tensor":
+            tensor = node if sender else torch.empty(shape[1], dtype=getattr(torch, shape[2]))
+            moved = tensor.to(env.device)
+            dist.broadcast(moved, src=src)
+            return node if sender else moved.to("cpu")
+        if isinstance(shape, dict):
+            return {k: fill(v, node[k] if sender else None) for k, v in shape.items()}
+        if isinstance(shape, (list, tuple)):
+            return type(shape)(fill(v, node[i] if sender else None) for i, v in enumerate(shape))
+        return shape
+    return fill(box[0], tree)
+
+
+class Health:
+    """What stops a run. Watches the loss and gradient norm on the device (no sync); read
+    on logging steps and before anything is saved: a non-finite value, or a loss far above the first one,
+    stops the run naming the step, before the bad state can be written."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_loss = None
+
+    def update(self, step, loss, grad_norm):
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+
+    def flag(self):
+        """1.0 once this process saw a bad step: summed over processes with the logged values,
+        so that all stop together (under fp16 each watches its own loss)."""
+        return (self.first_bad >= 0).float()
+
+    def check(self, step, values, args, fp16=False):
+        """values: (task loss, balance, grad norm, bad flag), averaged over processes. Under
+        fp16 an infinite gradient norm is the loss scaler's overflow (a skipped step), not a fault."""
+        loss_value = values[0]
+        watched = values[:2] if fp16 else values[:3]
+        if values[3] > 0 or not all(math.isfinite(v) for v in watched):
+            bad = int(self.first_bad)
+            when = f"at step {bad}" if bad >= 0 else f"by step {step} on another process"
+            raise SystemExit(f"stopped: the loss or gradient norm became NaN or infinite {when}. "
+                             f"Likely cause: a learning rate too high (--lr={args.lr:g}) or an overflow; lower "
+                             f"--lr, or check --eta/--scaling/--alpha. Nothing from that step on was saved.")
+        if self.first_loss is None:
+            self.first_loss = loss_value
+        elif loss_value > max(10 * self.first_loss, self.first_loss + 10):
+            raise SystemExit(f"stopped: training diverged at step {step}: the loss rose from {self.first_loss:.4g} "
+                             f"to {loss_value:.4g}. Lower --lr (now {args.lr:g}); nothing from step {step} was saved.")
+
+
+def shared_factors(model, cfg, targets, exclude, env):
+    """The SVD inits, each computed once: process r factorises layers r, r + W, ..., then
+    every layer's factors go from its owner to all (no full-model broadcast)."""
+    if not env.distributed or cfg.init not in goat.SVD_INITS:
+        return None
+    names = goat.find_targets(model, targets, exclude)
+    # a layer too small for the rank fails on its owner alone: all stop before any broadcast
+    mine = together(env, lambda: goat.initial_factors(model, cfg, names[env.rank::env.world],
+                                                                svd_device=env.device))
+    return {name: broadcast_tree(env, mine.get(name), src=i % env.world) for i, name in enumerate(names)}
+
+
+# ---------------------------------------------------------------------------------
+# DDP and FSDP2
+
+def wrap(model, args, env):
+    """DDP or FSDP2 around the model (after checking every process holds the same
+    weights); torch.compile if asked."""
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    if env.distributed:
+        check_identical(model, env)
+    if env.fsdp:
+        shard(model)
+    if args.compile:
+        model = torch.compile(model)
+    if env.distributed and not env.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # every expert is in the graph each step: no find_unused_parameters; the frozen base and
+        # the initial factors are identical by construction (checked above): no broadcasts.
+        # Full fine-tuning of CLIP's vision tower: its post_layernorm feeds nothing the classifier
+        # reads, so DDP must expect parameters without a gradient.
+        unused = args.method.startswith("full") and args.task == "images"
+        model = DDP(model, device_ids=[torch.device(env.device).index] if env.device_type == "cuda" else None,
+                    broadcast_buffers=False, init_sync=False, find_unused_parameters=unused)
+    return model
+
+
+def enable_grad_checkpointing(model):
+    """Non-reentrant activation checkpointing of every block: the reentrant kind runs the
+    forward without autograd, which would cut GOAT's balance loss off its routers."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise SystemExit("--grad_checkpointing needs a Hugging Face model")
+
+
+def shard(model):
+    """FSDP2: each transformer block (the model's _no_split_modules), then the rest. A
+    block keeps its frozen bf16 base, its float32 adapters and their frozen initial
+    factors together, each sharded; the step runs under autocast as without FSDP."""
+    from torch.distributed.fsdp import fully_shard
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    if not blocks:
+        raise SystemExit("--fsdp: this model names no transformer block class (_no_split_modules) to shard by")
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+
+
+def check_identical(model, env):
+    """Every process holds the same weights: the trainable ones (same seed, shared
+    factors) in full, and the frozen ones by a sample of every tensor (the same model
+    files on every node). A mismatch would train each process on another model."""
+    def digest(t):
+        flat = t.detach().reshape(-1)
+        step = 1 if t.requires_grad else max(1, flat.numel() // 4096)
+        return flat[::step].double().sum().item()
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    sums = torch.tensor([digest(t) for _, t in named], dtype=torch.float64)
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=env.control)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=env.control)
+    differ = [name for (name, _), a, b in zip(named, low.tolist(), high.tolist()) if a != b]
+    if differ:
+        raise SystemExit(f"the processes hold different weights ({len(differ)} tensors, e.g. {differ[0]}): every "
+                         "node needs the same model files, data and torch version")
+
+
+def full_state(model, optimizer, env, trainable_only):
+    """(model state, optimizer state) whole on rank 0 and None elsewhere; under FSDP every
+    process takes part and only rank 0 ever holds the whole state (cpu_offload)."""
+    if not env.fsdp:
+        if not env.master:
+            return None, None
+        return None, optimizer.state_dict()  # the caller reads the model's own state
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = None if trainable_only else get_model_state_dict(model, options=options)
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state, env):
+    """Rank 0's whole states into a sharded model and its optimizer (FSDP), sent from rank 0."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    if model_state is not None or not env.master:
+        set_model_state_dict(model, model_state if env.master else {}, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=optimizer_state if env.master else {},
+                             options=options)
+
+
+# ---------------------------------------------------------------------------------
+# Signals and exits
+
+class StopSignals:
+    """SIGTERM, SIGUSR1 (a cluster's preemption notice) and SIGINT (Ctrl-C) set a flag; the
+    loop finishes its optimizer step, writes the checkpoint and exits with 128 + the signal."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+        for sig in STOP_SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def handle(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        self.received = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_stop_signals(worker_id):
+    """In a data-loader worker: torchrun stops a process by signalling its whole process
+    group, and SLURM signals every process of the job step; a worker killed by that SIGTERM
+    (or a terminal's Ctrl-C) would make the main process raise mid-step, before its
+    checkpoint. In a group of its own and deaf to the stop signals, the worker keeps
+    serving; the main process still ends it, and it exits by itself if the main process dies."""
+    os.setpgid(0, 0)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def exit_status(exc):
+    """The exit status Python gives an uncaught exception (SystemExit's message printed)."""
+    if isinstance(exc, SystemExit):
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    traceback.print_exception(exc)
+    # Ctrl-C: 130, the status a shell reports for Python's own death by SIGINT (torchrun sees an exit code)
+    return 128 + signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 1
+
+
+def run_and_exit(main, argv):
+    """main(argv) in one of torchrun's processes, which then leaves without Python's
+    shutdown. The process groups' C++ threads outlive destroy_process_group(); one that
+    drops the last reference to a collective's tensor while the interpreter shuts down
+    aborts the process ("terminate called without an active exception", about 1 run in 40
+    on a busy CPU), and torchrun reports a finished run as failed. Everything is written,
+    flushed and the lock released by then, so os._exit loses nothing."""
+    try:
+        main(argv)
+        status = 0
+    except BaseException as e:
+        status = exit_status(e)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away: nothing more to say
+            pass
+    try:  # C-level buffers too (NCCL_DEBUG output into a file)
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+    os._exit(status)

@@ -1,0 +1,405 @@
+"""train.py on clusters, checked on CPU processes (gloo) and with CUDA faked where a CPU
+build of torch allows: device set-up, DDP and FSDP2 against one process, one dropout
+stream per process, preemption and Ctrl-C, resume without a checkpoint copy on every
+process, loader workers that survive the stop signals and can be spawned, exits under
+torchrun, no host sync per micro-step."""
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import flags
+import goat
+import processes
+import run_folder
+import train
+from conftest import HERE, read_losses, read_result, run_script
+from test_robust import sst2
+
+
+def torchrun(argv, nproc=2):
+    return run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       "train.py", *argv])
+
+
+# --- CUDA, faked as far as a CPU build allows ------------------------------------------------
+
+def fake_cuda(monkeypatch, count=2):
+    """torch.cuda as a machine with `count` GPUs shows it, up to the first real CUDA call:
+    set_device keeps its own argument check (the check that refused "cuda" without an index)."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.cuda._get_device_index(d)))
+    return chosen
+
+
+@pytest.mark.parametrize("device,local_rank,expected", [("auto", None, "cuda:0"), ("cuda", None, "cuda:0"),
+                                                        ("cuda:1", None, "cuda:1"), ("auto", "3", "cuda:1")])
+def test_processes_start_on_a_gpu_with_an_indexed_device(device, local_rank, expected, monkeypatch):
+    """The crash of every GPU run without torchrun (set_device("cuda")) fails here; under
+    torchrun process 3 of a node showing it 2 GPUs takes GPU 3 % 2 with NCCL, and its
+    control messages go through gloo."""
+    chosen, groups = fake_cuda(monkeypatch), []
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    if local_rank is not None:
+        monkeypatch.setenv("RANK", local_rank)
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        monkeypatch.setattr(processes.dist, "init_process_group", lambda backend: groups.append(backend))
+        monkeypatch.setattr(processes.dist, "new_group", lambda backend: groups.append(backend) or "control")
+    env = processes.start(flags.parse_args([f"--device={device}"]))
+    assert env.device == expected and chosen == [int(expected[-1])] and env.device_type == "cuda"
+    assert groups == ([] if local_rank is None else ["nccl", "gloo"])
+    with pytest.raises(ValueError, match="specified index"):  # the harness keeps set_device's own check
+        torch.cuda.set_device("cuda")
+
+
+def test_bad_devices_are_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what a CPU-only build or a hidden GPU says
+    for device, match in (("xyz", "--device=xyz is not a device"), ("meta", "runs on cpu or cuda"),
+                          ("cuda", "--device=cuda, but this torch sees no CUDA GPU.*--device=cpu")):
+        with pytest.raises(SystemExit, match=match):
+            processes.start(flags.parse_args([f"--device={device}"]))
+
+
+# --- several processes (gloo on the CPU) -----------------------------------------------------
+
+def preempted_and_resumed(argv, tmp_path, steps_before=5):
+    """(the uninterrupted run's folder, the preempted-then-resumed run's folder): a SIGTERM to
+    the launcher once `steps_before` steps are logged, then the same command with --resume."""
+    whole = torchrun([a.replace("@", "whole") for a in argv])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = [a.replace("@", "cut") for a in argv]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *cut], cwd=HERE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and (not log.exists()
+                                                              or len(log.read_text().split("\n")) <= steps_before):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # the scheduler's preemption notice, to the launcher
+    out = proc.communicate(timeout=240)[0]
+    assert "stopped by SIGTERM" in out, out[-3000:]
+    stopped_at = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
+    assert steps_before <= stopped_at and not (tmp_path / "cut" / "result.json").exists()
+    resumed = torchrun(cut + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'cut' / 'ckpt.pt'} at step {stopped_at}" in resumed.stdout
+    return tmp_path / "whole", tmp_path / "cut"
+
+
+def test_ddp_dropout_streams_differ_per_process_and_a_preempted_run_resumes(tiny_bert_dir, glue_dir, tmp_path):
+    """Two processes with dropout: each draws its own masks (their random states differ),
+    a SIGTERM to the launcher stops both after the same step with one checkpoint, and
+    the resumed run (rank 0 sends the checkpoint's parts tensor by tensor) ends where an
+    uninterrupted one does."""
+    flags_ = ["--max_steps=40", "--lora_dropout=0.1", "--batch_size=4", "--ckpt_every=1000"]
+    whole, cut = preempted_and_resumed(sst2(tiny_bert_dir, tmp_path / "@", glue_dir, *flags_), tmp_path)
+    rngs = torch.load(whole / "ckpt.pt", weights_only=True)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"])
+    np.testing.assert_allclose(read_losses(cut), read_losses(whole), rtol=1e-5)
+    assert read_result(cut)["metrics"] == read_result(whole)["metrics"]
+    manifest = run_folder.read_manifest(cut)  # as if it had stopped after its last checkpoint
+    run_folder.atomic_write(cut / run_folder.MANIFEST, lambda f: f.write(run_folder.json_text(
+        dict(manifest, state="running")).encode()))
+    with pytest.raises(SystemExit, match="--world_size: 2 vs 1"):  # one process: refused
+        train.main(sst2(tiny_bert_dir, cut, glue_dir, *flags_, "--resume", "--batch_size=8"))
+
+
+def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path):
+    """Same global batch, same result. The balance loss is off: it is computed on each
+    process's micro-batch (a product of two means, not linear in the batch), so with it
+    the runs differ by design, as DDP runs of the reference code do."""
+    flags_ = ["--lora_dropout=0", "--max_steps=6", "--grad_accum=2", "--balance_coef=0"]
+    single = run_script([sys.executable, "train.py", *sst2(tiny_bert_dir, tmp_path / "one", glue_dir, *flags_,
+                                                           "--batch_size=8")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = torchrun(sst2(tiny_bert_dir, tmp_path / "fsdp", glue_dir, *flags_, "--batch_size=4", "--fsdp"))
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    np.testing.assert_allclose(read_losses(tmp_path / "fsdp"), read_losses(tmp_path / "one"), rtol=1e-4, atol=1e-5)
+    assert read_result(tmp_path / "fsdp")["metrics"] == read_result(tmp_path / "one")["metrics"]
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "fsdp" / "adapter.safetensors"), load_file(tmp_path / "one" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=key)
+    ckpt = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)  # a whole, unsharded checkpoint
+    assert ckpt["step"] == 6 and ckpt["optimizer"]["state"]
+    metrics = train.main(sst2(tiny_bert_dir, tmp_path / "eval", glue_dir, "--max_steps=0",
+                              f"--adapter={tmp_path / 'fsdp'}"))  # its adapter, in one process
+    assert metrics["dev"] == read_result(tmp_path / "fsdp")["metrics"]["dev"]
+
+
+def test_fsdp_full_fine_tuning_checkpoints_on_rank_0_and_resumes(tiny_bert_dir, glue_dir, tmp_path):
+    """--method=full under FSDP: the whole state is gathered on rank 0 alone (cpu_offload),
+    and a resume sends it from rank 0 into the shards; the resumed run ends where an
+    uninterrupted one does."""
+    flags_ = ["--method=full", "--lr=1e-4", "--batch_size=4", "--balance_coef=0", "--fsdp", "--max_steps=24"]
+    whole, cut = preempted_and_resumed(sst2(tiny_bert_dir, tmp_path / "@", glue_dir, *flags_), tmp_path)
+    ckpt = torch.load(whole / "ckpt.pt", weights_only=True)
+    assert "classifier.weight" in ckpt["model"] and ckpt["optimizer"]["state"]
+    np.testing.assert_allclose(read_losses(cut), read_losses(whole), rtol=1e-5)
+    assert read_result(cut)["metrics"] == read_result(whole)["metrics"]
+
+
+def test_fsdp_with_a_bf16_base_under_autocast(tiny_bert_dir, glue_dir, tmp_path):
+    """The CUDA default (bf16 frozen base, float32 adapters, bf16 autocast) sharded over two
+    CPU processes: one FSDP group holds both dtypes, and the memory-saving autocast path
+    runs inside it."""
+    sharded = torchrun(sst2(tiny_bert_dir, tmp_path / "fsdp", glue_dir, "--max_steps=6", "--batch_size=4",
+                            "--fsdp", "--dtype=bfloat16"))
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert all(np.isfinite(read_losses(tmp_path / "fsdp")))
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "fsdp" / "adapter.safetensors")
+    assert all(v.dtype == torch.float32 for k, v in saved.items() if ".lora_" in k)
+
+
+def _two_processes(rank, world, port, results):
+    """Every cross-process check of processes.py, with one process made to differ."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    env = processes.Processes(rank=rank, world=world, control=dist.group.WORLD)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    outcome = {}
+
+    def attempt(key, work):
+        try:
+            outcome[key] = work()
+        except (SystemExit, ValueError) as e:
+            outcome[key] = f"{type(e).__name__}: {e}"
+    attempt("same", lambda: processes.check_identical(model, env))
+    if rank == 1:
+        with torch.no_grad():
+            model[0].weight[0, 0] += 1.0  # another model file on this node
+    attempt("frozen", lambda: processes.check_identical(model, env))
+    args = vars(flags.parse_args(["--rank=8"] if rank == 0 else ["--rank=16"]))
+    attempt("flags", lambda: processes.same_everywhere(env, args, "run with different flags", "fix",
+                                                       lambda a, b: "; ".join(flags.differences(a, b, sorted(a)))))
+
+    def fails_on_1():  # e.g. a data file missing on one node
+        if rank == 1:
+            raise SystemExit("data: missing on this node")
+        return "loaded"
+    attempt("together", lambda: processes.together(env, fails_on_1))
+    small = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))  # layer "1" is too small: its owner, 1, fails alone
+    attempt("svd", lambda: processes.shared_factors(small, goat.GOATConfig(rank=8, experts=4, top_k=2), "all-linear",
+                                                    (), env))
+
+    def write_fails():  # rank 0's checkpoint write on a full disk
+        raise SystemExit("could not write the checkpoint")
+    attempt("write", lambda: processes.from_rank0(env, write_fails))
+    attempt("data", lambda: processes.same_everywhere(env, {"training examples": 3 + rank}, "read different data",
+                                                      "fix"))
+    tree = {"a": torch.arange(6.0).view(2, 3), "b": [torch.tensor([rank]), 7, "x"], "c": (1.5, 2.5)}
+    got = processes.broadcast_tree(env, tree if rank == 0 else None)
+    outcome["tree"] = (got["a"].tolist(), got["b"][0].tolist(), got["b"][1:], got["c"])
+    results[rank] = outcome
+    sys.stdout.flush()
+    os._exit(0)  # as train.py under torchrun: no interpreter shutdown for gloo's threads to abort
+
+
+def test_processes_must_hold_the_same_weights_flags_and_data():
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_two_processes, args=(2, port, results), nprocs=2)
+    for rank in (0, 1):
+        assert results[rank]["same"] is None
+        assert "different weights (1 tensors, e.g. 0.weight)" in results[rank]["frozen"]
+        assert "different flags (--alpha: 16.0 vs 32.0; --rank: 8 vs 16)" in results[rank]["flags"]
+        assert results[rank]["write"] == "SystemExit: could not write the checkpoint"  # both stop, none waits
+        assert "read different data (process 0: {'training examples': 3}; process 1: {'training examples': 4})" \
+            in results[rank]["data"]
+        assert results[rank]["tree"] == ([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], [0], [7, "x"], (1.5, 2.5))
+    assert results[1]["together"] == "SystemExit: data: missing on this node"
+    assert results[0]["together"] == "SystemExit: process 0 stops: another process failed (see its message)"
+    assert results[1]["svd"].startswith("ValueError: 1: SVD segment length")
+    assert results[0]["svd"] == "SystemExit: process 0 stops: another process failed (see its message)"
+
+
+# --- signals, exits, loader workers --------------------------------------------------------------
+
+def test_sigterm_and_ctrl_c_checkpoint_and_the_resumed_run_ends_like_an_uninterrupted_one(tiny_bert_dir, glue_dir,
+                                                                                         tmp_path):
+    flags_ = ["--max_steps=40", "--lora_dropout=0.1", "--batch_size=8"]
+    whole = run_script([sys.executable, "train.py", *sst2(tiny_bert_dir, tmp_path / "whole", glue_dir, *flags_)])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+        cut = tmp_path / name
+        argv = [sys.executable, "train.py", *sst2(tiny_bert_dir, cut, glue_dir, *flags_)]
+        proc = subprocess.Popen(argv, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        log = cut / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and (not log.exists() or
+                                                                  len(log.read_text().split("\n")) < 9):
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, err[-3000:]
+        assert f"stopped by {name}" in out and "--resume" in out
+        assert (cut / "ckpt.pt").exists() and not (cut / "result.json").exists()
+        assert 8 <= torch.load(cut / "ckpt.pt", weights_only=True)["step"] < 40
+        resumed = run_script(argv + ["--resume"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        torch.testing.assert_close(torch.tensor(read_losses(cut)), torch.tensor(read_losses(tmp_path / "whole")))
+        from safetensors.torch import load_file
+        a, b = load_file(cut / "adapter.safetensors"), load_file(tmp_path / "whole" / "adapter.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert read_result(cut)["metrics"] == read_result(tmp_path / "whole")["metrics"]
+
+
+def test_loader_workers_outlive_a_signal_to_the_process_group(tmp_path):
+    """torchrun signals the whole process group of each process it stops: the DataLoader's
+    workers must not die of it, or the main process raises before it can write its checkpoint."""
+    script = tmp_path / "group.py"
+    script.write_text(f"""
+import os, signal, sys
+from functools import partial
+sys.path.insert(0, {str(HERE)!r})
+import data, flags, processes, train
+items = [{{"input_ids": [1, 2, 3], "label": i % 2}} for i in range(64)]
+args = flags.parse_args(["--batch_size=4"])
+batches = train.Batches(items, partial(data.collate, pad_id=0), args, 0, 1, 0, 16)
+stop = processes.StopSignals()
+stream = train.micro_batches(batches, workers=1)
+next(stream)
+os.killpg(os.getpgid(0), signal.SIGTERM)
+for _ in range(10):
+    next(stream)
+print("received", stop.received)
+stream.close()  # as run() does: the workers ignore SIGTERM, so their owner ends them
+import multiprocessing
+print("workers left", len(multiprocessing.active_children()))
+""")
+    proc = subprocess.run([sys.executable, str(script)], cwd=HERE, capture_output=True, text=True, timeout=120,
+                          start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"received {int(signal.SIGTERM)}" in proc.stdout and "workers left 0" in proc.stdout
+
+
+def test_loader_workers_can_be_spawned():
+    """Where workers start by spawn or forkserver (macOS, Python 3.14 on Linux) the data
+    they serve is pickled: it must hold no process group, and give the same batches."""
+    items = [{"input_ids": list(range(1 + i % 5)), "label": i % 2} for i in range(48)]
+    batches = train.Batches(items, partial(data.collate, pad_id=0), flags.parse_args(["--batch_size=4"]), 0, 1, 0, 6)
+    assert pickle.loads(pickle.dumps(batches))[3]["input_ids"].tolist() == batches[3]["input_ids"].tolist()
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    spawned = [b["input_ids"].tolist() for b in loader]
+    assert spawned == [batches[k]["input_ids"].tolist() for k in range(len(batches))]
+
+
+def _loader_worker_view(queue):
+    processes.ignore_stop_signals(0)
+    queue.put((os.getpgid(0) == os.getpid(), [signal.getsignal(s) == signal.SIG_IGN for s in processes.STOP_SIGNALS]))
+
+
+def test_loader_workers_are_out_of_reach_of_the_stop_signals():
+    """SLURM signals every process of the step and torchrun the whole process group: a
+    loader worker killed by that SIGTERM would crash the step before its checkpoint."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")  # as the DataLoader starts its workers on Linux
+    queue = ctx.Queue()
+    worker = ctx.Process(target=_loader_worker_view, args=(queue,))
+    worker.start()
+    own_group, ignored = queue.get(timeout=60)
+    worker.join(timeout=60)
+    assert own_group and all(ignored), (own_group, ignored)
+
+
+def test_torchrun_processes_exit_with_the_status_python_would_give(capsys):
+    """Under torchrun train.py leaves by os._exit (no interpreter shutdown for gloo's threads
+    to abort): the status and message must be the ones Python itself would give."""
+    assert processes.exit_status(SystemExit(None)) == 0 and processes.exit_status(SystemExit(0)) == 0
+    assert processes.exit_status(SystemExit(143)) == 143  # a preempted run: 128 + SIGTERM
+    assert processes.exit_status(SystemExit("--world_size: 2 vs 1")) == 1
+    assert "--world_size: 2 vs 1" in capsys.readouterr().err
+    try:
+        raise ValueError("a bug")
+    except ValueError as e:
+        assert processes.exit_status(e) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: a bug" in err
+    assert processes.exit_status(KeyboardInterrupt()) == 130  # 128 + SIGINT, as Python's own exit
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+class HostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts the calls that make the host wait for a value on the device. The test runs
+    the step on the meta device, which stands in for a GPU here: host tensors (the
+    batch as collated, the data order, the optimizer's step counts) stay on the CPU."""
+    SYNCS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.SYNCS and args and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu":
+            self.calls.append(name)
+        if name == "to" and args and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu" and \
+                "cpu" in [str(a) for a in args[1:]] + [str(v) for v in (kwargs or {}).values()]:
+            self.calls.append("to(cpu)")
+        return func(*args, **(kwargs or {}))
+
+
+class TinyLM(nn.Module):
+    """A pure-PyTorch model with a .loss output: whatever syncs happen are GOAT's or train.py's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 50)
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits = self.head(self.body(self.embed(input_ids)))
+        return type("Out", (), {"loss": nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())})()
+
+
+def test_a_training_step_has_no_host_sync():
+    torch.manual_seed(0)
+    model = TinyLM()
+    goat.add_goat(model, goat.GOATConfig(rank=8, experts=4, top_k=2, dropout=0.1), exclude=("head",))
+    model.to("meta").train()
+    items = [{"input_ids": list(range(i, i + 6)), "labels": list(range(i + 1, i + 7))} for i in range(32)]
+    args = flags.parse_args(["--batch_size=4", "--grad_accum=3"])
+    env = processes.Processes(device="meta")
+    stream = train.micro_batches(train.Batches(items, partial(data.collate, pad_id=0), args, 0, 1, 0, 2), workers=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    health = processes.Health("meta")
+    with HostSyncs() as syncs:
+        for step in range(2):
+            micro = [next(stream) for _ in range(args.grad_accum)]
+            loss, balance, norm, _, _ = train.train_step(model, model, micro, optimizer, scaler, params, args, env,
+                                                         train.nullcontext())
+            health.update(step + 1, loss, norm)
+    assert syncs.calls == [], syncs.calls
+    assert loss.device.type == "meta" and all(p.grad is None for p in params)  # the step ran to the end
+    with HostSyncs() as syncs, pytest.raises(Exception):  # the counter does see a sync
+        loss.item()
+    assert syncs.calls == ["item"]
