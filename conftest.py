@@ -20,6 +20,8 @@ settings.register_profile("dev", max_examples=20, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+# study.py unpacks its pinned copy of the repository (tests included) under runs/: not ours to collect
+collect_ignore_glob = ["runs/*", "out*/*"]
 
 
 HERE = Path(__file__).resolve().parent

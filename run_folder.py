@@ -2,7 +2,7 @@
 train.py's output folder: nothing lost, nothing mislabelled.
 
 A run owns its --out_dir. It records every file it writes in run.json (the manifest:
-the kind of run, its state, its files, where its weights came from), so that
+the kind of run, training or evaluation, its state and its files), so that
 --overwrite removes only what train.py wrote and a folder holding anything else is
 refused, with the foreign files named. An evaluation never writes into a training
 run's folder. While a run is alive it holds train.lock (an OS lock, released by the
@@ -62,15 +62,24 @@ class Lock:
 
     def __init__(self, out_dir):
         self.path = Path(out_dir) / LOCK
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for _ in range(10):
+            self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                raise SystemExit(f"{out_dir} is in use by another run (it holds {self.path}); wait for it, or "
+                                 f"choose another --out_dir") from None
+            except OSError as e:  # ENOLCK, EOPNOTSUPP: a file system without locks
+                print(f"warning: cannot lock {self.path} ({e}); make sure no other run writes to {out_dir}")
+                return
+            try:  # the file we locked is still the lock: its holder may have removed it as we opened it
+                if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
             os.close(self.fd)
-            raise SystemExit(f"{out_dir} is in use by another run (it holds {self.path}); wait for it, or choose "
-                             f"another --out_dir") from None
-        except OSError as e:  # ENOLCK, EOPNOTSUPP: a file system without locks
-            print(f"warning: cannot lock {self.path} ({e}); make sure no other run writes to {out_dir}")
+        raise SystemExit(f"could not take the lock {self.path} (other runs keep taking it); try again")
 
     def release(self):
         try:
