@@ -19,14 +19,14 @@ ADAPTER_METHODS = tuple(goat.PRESETS)
 # allowed to differ from the checkpoint on --resume. Full methods record none of them.
 ADAPTER_FLAGS = ("method", "rank", "alpha", "experts", "top_k", "init", "segments", "segment", "per_expert_scale",
                  "scaling", "eta", "rho", "init_cof", "targets", "lora_dropout")
-RESUME_FLAGS = ADAPTER_FLAGS + ("model", "task", "train_sets", "val_examples", "max_train_examples", "fsdp")
+RESUME_FLAGS = ADAPTER_FLAGS + ("model", "adapter", "task", "train_sets", "val_examples", "max_train_examples", "fsdp")
 # The schedule and data order: a resume may change them only with --allow_resume_changes.
 SCHEDULE_FLAGS = ("world_size", "global_batch", "seed", "lr", "head_lr", "epochs", "max_steps", "warmup", "max_len",
                   "dtype", "balance_coef", "grad_clip")
-# GOAT's default pair, from round one of study.py (docs/study-round1.md): its (lr, eta) were
-# tuned together, so a learning rate of one's own gets the paper's eta 1.
-GOAT_DEFAULT = {"lr": 3e-3, "eta": 1e-5}
-DEFAULT_LR = {"full": 1e-4, "full-moe": 1e-4}  # adapter methods: 3e-4 (round one's choice for every one)
+# Round one of study.py chose these learning rates on its validation splits (docs/study-round1.md):
+# 3e-4 for every LoRA-family adapter (GOAT at the paper's eta 1 included), 1e-4 for full
+# fine-tuning. No default depends on another flag. Round two decides them again.
+DEFAULT_LR = {"full": 1e-4, "full-moe": 1e-4}
 
 
 def default_model():
@@ -55,7 +55,7 @@ def build_parser():
     g("--max_eval_examples", type=int, default=None, help="(default: all)")
     g("--max_len", type=int, default=None, help="tokens per example (default: 128, or 512 for instruct)")
     g("--max_new_tokens", type=int, default=32, help="instruct: generation length at evaluation (default: 32)")
-    m = p.add_argument_group("method (an adapter preset's fields override it)").add_argument
+    m = p.add_argument_group("method (a preset of goat.py; these flags override its fields)").add_argument
     m("--method", default="goat", choices=METHODS, help="(default: goat)")
     m("--rank", type=int, default=32, help="total rank over all experts (default: 32)")
     m("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
@@ -66,16 +66,15 @@ def build_parser():
     m("--segment", type=int, default=None, help="goat init, one expert: an adapter from this segment alone (default: none)")
     m("--per_expert_scale", action="store_true", help="GOAT-s: s_i = s sqrt(sigma_1 / sigma_i) per SVD segment")
     m("--scaling", default=None, help="paper | adam | alpha | rslora | a number (default: the preset's)")
-    m("--eta", type=float, default=None, help="paper and adam scaling: lr_full / lr_lora (default: goat at its "
-      "default lr 1e-5, else the paper's 1; the paper uses 0.1 for LLaMA at lr 1e-4)")
+    m("--eta", type=float, default=1.0, help="paper and adam scaling: lr_full / lr_lora (default: 1, the paper's; "
+      "it uses 0.1 for LLaMA at lr 1e-4)")
     m("--rho", type=float, default=None, help="SVD inits put S / rho into the adapter (default: the preset's)")
     m("--init_cof", type=float, default=None, help="c in W_res = W0 - c s sum B_i A_i (default: the preset's)")
     m("--lora_dropout", type=float, default=0.05, help="(default: 0.05)")
     m("--targets", default="all-linear", help="all-linear, or comma-separated module name suffixes (default: all-linear)")
     m("--adapter", default=None, help="a trained out_dir or adapter file to start from or evaluate (default: none)")
     o = p.add_argument_group("optimization").add_argument
-    o("--lr", type=float, default=None,
-      help="(default: 3e-3 for goat with eta 1e-5, 3e-4 for other adapters, 1e-4 for full methods)")
+    o("--lr", type=float, default=None, help="(default: 3e-4 for adapter methods, 1e-4 for full methods)")
     o("--head_lr", type=float, default=None, help="learning rate of the task heads (default: --lr)")
     o("--balance_coef", type=float, default=1e-3, help="load-balancing loss coefficient (default: 1e-3)")
     o("--batch_size", type=int, default=32, help="micro-batch per process (default: 32)")
@@ -127,9 +126,11 @@ def differences(ours, theirs, keys, name=lambda key, value: value):
 
 
 def model_name(key, value):
-    """Models compare by name: the same model lies in other folders on other machines
-    (None is the default model)."""
-    return Path(value or default_model()).name if key == "model" else value
+    """Models and adapters compare by name: the same files lie in other folders on other
+    machines (a model of None is the default model)."""
+    if key == "model":
+        return Path(value or default_model()).name
+    return Path(value).name if key == "adapter" and value else value
 
 
 def method_config(args):
@@ -141,7 +142,7 @@ def method_config(args):
     return goat.preset(args.method, **overrides)
 
 
-def problems(args, given):
+def problems(args):
     """Every flag that would train silently wrong or crash later, all at once."""
     found = []
     at_least = {"batch_size": 1, "grad_accum": 1, "log_every": 1, "ckpt_every": 1, "workers": 0, "max_new_tokens": 1,
@@ -155,8 +156,8 @@ def problems(args, given):
     found += [f"--{k}={getattr(args, k)} must be a finite number >= 0" for k in ("epochs", "warmup", "grad_clip",
                                                                              "balance_coef")
               if not 0 <= getattr(args, k) < math.inf]
-    if not 0 <= args.seed < 2 ** 63:
-        found.append(f"--seed={args.seed} must lie in [0, 2**63)")
+    if not 0 <= args.seed < 2 ** 32:  # the data order and the dropout streams derive their seeds from it
+        found.append(f"--seed={args.seed} must lie in [0, 2**32)")
     if args.targets != "all-linear" and not [t for t in args.targets.split(",") if t.strip()]:
         found.append(f"--targets={args.targets!r} names no module; give all-linear or suffixes like query,value")
     if args.method in ADAPTER_METHODS:
@@ -185,7 +186,7 @@ def adopt_adapter_flags(args, given, saved):
         return [f"--adapter={args.adapter} was trained with other flags ({'; '.join(differ)}, this run vs the "
                 f"adapter's): drop those flags to use the adapter's own, or train a new adapter"]
     for key in ADAPTER_FLAGS + ("model",):
-        if key not in given and key in saved:
+        if key not in given and saved.get(key) is not None:  # None: a flag that meant nothing for that method
             setattr(args, key, saved[key])
     return []
 
@@ -206,18 +207,15 @@ def parse_args(argv=None):
     given = given_flags(p, argv)
     found = []
     if args.adapter:
+        args.adapter = str(Path(args.adapter).resolve())  # recorded whole: a relative path names nothing later
         try:
             found += adopt_adapter_flags(args, given, read_adapter_flags(args.adapter))
         except (ValueError, SystemExit) as e:
             p.error(str(e))
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
-    goat_pair = (args.method == "goat" and args.scaling in (None, "paper") and args.lr is None
-                 and args.eta in (None, GOAT_DEFAULT["eta"]))  # None, or adopted from a default GOAT adapter
     if args.lr is None:
-        args.lr = GOAT_DEFAULT["lr"] if goat_pair else DEFAULT_LR.get(args.method, 3e-4)
-    if args.eta is None:
-        args.eta = GOAT_DEFAULT["eta"] if goat_pair else 1.0
+        args.lr = DEFAULT_LR.get(args.method, 3e-4)
     if args.max_len is None:
         args.max_len = 512 if args.task == "instruct" else 128  # the shared instruct sets fit 512 tokens
     if args.eval_batch_size is None:
@@ -226,7 +224,7 @@ def parse_args(argv=None):
     if args.out_dir is None:  # an evaluation never writes into the folder of the run that trained the adapter
         args.out_dir = f"{adapter_folder(args.adapter)}-eval-{args.task}" if args.adapter and args.evaluate_only \
             else "out"
-    found += problems(args, given)
+    found += problems(args)
     if found:
         p.error("\n  ".join(["bad flags:"] + found) if len(found) > 1 else found[0])
     if args.method not in ADAPTER_METHODS:  # meaningless for full methods: neither recorded nor ever enforced

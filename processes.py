@@ -1,8 +1,9 @@
 """
 train.py's processes: one, or one of torchrun's (RANK, LOCAL_RANK, WORLD_SIZE), with
-NCCL on GPUs and gloo on CPUs. Rank 0 decides and the others follow; a failure on
-one process stops all of them (none is left waiting in a collective until the NCCL
-timeout); every process must hold the same flags, data and weights. Also DDP and
+NCCL on GPUs and gloo on CPUs. Rank 0 decides and the others follow; a failure in
+set-up, in rank 0's decisions or in its writes stops all of them (none is left waiting
+in a collective until the NCCL timeout; a failure inside a training step is torchrun's
+to tear down); every process must hold the same flags, data and weights. Also DDP and
 FSDP2 wrapping, the stop signals, and how a torchrun process exits.
 
 Rank by rank: every function here is called by every process at the same point, so
@@ -67,6 +68,9 @@ def start(args):
         env.local_rank = int(os.environ.get("LOCAL_RANK", 0))  # a launcher with one process per machine may not set it
     if kind == "cuda":
         index = torch.device(device).index
+        if index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
+            raise SystemExit(f"--device={device} would put every process of this node on GPU {index}; under "
+                             f"torchrun each process takes its own: use --device=cuda (or auto)")
         if index is None:  # modulo: a scheduler may show each process only its own GPU (srun --gpus-per-task=1)
             index = env.local_rank % torch.cuda.device_count()
         device = f"cuda:{index}"
@@ -267,7 +271,8 @@ def wrap(model, args, env):
     if env.distributed:
         check_identical(model, env)
     if env.fsdp:
-        shard(model)
+        full_bf16 = args.method.startswith("full") and args.dtype == "bfloat16"
+        shard(model, torch.bfloat16 if full_bf16 else None)
     if args.compile:
         model = torch.compile(model)
     if env.distributed and not env.fsdp:
@@ -294,18 +299,22 @@ def enable_grad_checkpointing(model):
         raise SystemExit("--grad_checkpointing needs a Hugging Face model")
 
 
-def shard(model):
+def shard(model, param_dtype=None):
     """FSDP2: each transformer block (the model's _no_split_modules), then the rest. A
     block keeps its frozen bf16 base, its float32 adapters and their frozen initial
-    factors together, each sharded; the step runs under autocast as without FSDP."""
-    from torch.distributed.fsdp import fully_shard
+    factors together, each sharded; the step runs under autocast as without FSDP.
+    param_dtype (full fine-tuning in bf16): FSDP gathers each block's float32 shards as
+    bf16 and frees them after the block, so no bf16 copy of the whole model lives through
+    a step (autocast's own copies would be saved for backward, every layer's at once)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     if not blocks:
         raise SystemExit("--fsdp: this model names no transformer block class (_no_split_modules) to shard by")
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 def check_identical(model, env):
@@ -327,26 +336,35 @@ def check_identical(model, env):
                          "node needs the same model files, data and torch version")
 
 
-def full_state(model, optimizer, env, trainable_only):
-    """(model state, optimizer state) whole on rank 0 and None elsewhere; under FSDP every
-    process takes part and only rank 0 ever holds the whole state (cpu_offload)."""
+def gathered_optimizer_state(model, optimizer, env):
+    """The optimizer state whole on rank 0 (None elsewhere); under FSDP every process takes
+    part and only rank 0 ever holds the whole state (cpu_offload)."""
     if not env.fsdp:
-        if not env.master:
-            return None, None
-        return None, optimizer.state_dict()  # the caller reads the model's own state
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+        return optimizer.state_dict() if env.master else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = None if trainable_only else get_model_state_dict(model, options=options)
-    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+    state = get_optimizer_state_dict(model, optimizer, options=options)
+    return state if env.master else None
 
 
-def load_full_state(model, optimizer, model_state, optimizer_state, env):
-    """Rank 0's whole states into a sharded model and its optimizer (FSDP), sent from rank 0."""
+def gathered_model_state(model, env):
+    """Every weight of the model whole on rank 0 (None elsewhere), as above."""
+    if not env.fsdp:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if env.master else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if env.master else None
+
+
+def load_gathered_state(model, optimizer, model_state, optimizer_state, env):
+    """Rank 0's whole states into a sharded model (model_state: a full method's weights, or
+    None for an adapter, which is rebuilt before sharding) and its optimizer, sent from
+    rank 0 into every process's shards. Every process calls it, with the same model_state
+    being None or not."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    if model_state is not None or not env.master:
+    if model_state is not None:
         set_model_state_dict(model, model_state if env.master else {}, options=options)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=optimizer_state if env.master else {},
                              options=options)

@@ -17,6 +17,7 @@ so a failure there stops every process); the checkpoint's gathering involves all
 import fcntl
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -113,12 +114,21 @@ class RunFolder:
         self.written(name)
         atomic_write(self / name, lambda f: f.write(json_text(obj).encode()))
 
+    def log(self, row, max_steps, minutes_left):
+        """One row of metrics.jsonl (a non-finite value, such as an fp16 overflow step's gradient
+        norm, written as null) and one progress line."""
+        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self.append_metrics(finite)
+        balance = f" | balance {row['balance_loss']:.3f} (1 = even)" if row["balance_loss"] is not None else ""
+        print(f"step {row['step']}/{max_steps} | loss {row['task_loss']:.4f}{balance} | lr {row['lr']:.2e} "
+              f"| {row['tokens_per_s']:,.0f} tok/s | {minutes_left:.1f} min left", flush=True)
+
     def append_metrics(self, row):
         """One row of metrics.jsonl. A failed write (a full disk) is reported, not raised: rank 0
         must not stop alone while the others wait for it; the checkpoint write then stops all."""
         try:
             with open(self / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(row, allow_nan=False) + "\n")
         except OSError as e:
             print(f"warning: could not append to {self / METRICS}: {e}", flush=True)
 
@@ -179,6 +189,10 @@ def check_folder(folder, args):
         raise SystemExit(f"--out_dir={out} is the model's own folder; choose another --out_dir")
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out_dir={out} is a file, not a folder; choose another --out_dir")
+    inside = next((p for p in out.resolve().parents if (p / MANIFEST).exists()), None)
+    if inside is not None:
+        raise SystemExit(f"--out_dir={out} is inside the folder of another run ({inside}); choose a folder of "
+                         f"its own")
     if not out.is_dir():
         return
     present = {p.name for p in out.iterdir()} - {LOCK}
@@ -205,10 +219,15 @@ def check_folder(folder, args):
         raise SystemExit(f"{out} holds {state}; {fix}, or choose another --out_dir")
 
 
+RUN_FILES = {CONFIG, METRICS, RESULT, CHECKPOINT, ADAPTER, FULL_MODEL, *PLOTS}  # what a run may write
+
+
 def read_manifest(out):
+    """run.json, checked: it may list only the files a run writes, in the folder itself."""
     try:
         manifest = json.loads((Path(out) / MANIFEST).read_text())
-        assert isinstance(manifest, dict) and isinstance(manifest.get("files"), list) and manifest.get("kind")
+        assert isinstance(manifest, dict) and manifest.get("kind") in ("train", "eval")
+        assert isinstance(manifest.get("files"), list) and set(manifest["files"]) <= RUN_FILES
         return manifest
     except (OSError, ValueError, AssertionError):
         raise SystemExit(f"{Path(out) / MANIFEST} is not train.py's record of the folder; choose another "
@@ -255,25 +274,10 @@ def start_records(folder, args, env, resumed_at, record):
         folder.manifest = dict(read_manifest(folder.path), state="running")
     if folder.kind == "train":
         folder.written(METRICS)
-        metrics = folder / METRICS
-        metrics.write_text("" if resumed_at is None else read_metrics(metrics, resumed_at))
+        kept = "" if resumed_at is None else read_metrics(folder / METRICS, resumed_at)
+        atomic_write(folder / METRICS, lambda f: f.write(kept.encode()))
     if resumed_at is None or record.get("resumed_at_step_with_changes"):
         folder.write_json(CONFIG, record)
-
-
-def log_step(folder, step, max_steps, values, routed_layers, optimizer, tokens, seconds, left, model, args):
-    """One row of metrics.jsonl and one progress line. The balance loss is shown as its mean
-    over the routed layers: 1 is perfectly balanced routing (the sum over layers trains)."""
-    task_loss, balance, grad_norm = values
-    balance = balance / max(routed_layers, 1)
-    lr, tok_s = optimizer.param_groups[0]["lr"], tokens / max(seconds, 1e-9)
-    folder.append_metrics({"step": step, "loss": task_loss + args.balance_coef * balance * routed_layers,
-                           "task_loss": task_loss, "balance_loss": balance, "grad_norm": grad_norm, "lr": lr,
-                           "tokens_per_s": tok_s, "expert_load": {k: [round(x, 4) for x in v.tolist()]
-                                                                  for k, v in goat.expert_load(model).items()}})
-    print(f"step {step}/{max_steps} | loss {task_loss:.4f}" + (f" | balance {balance:.3f} (1 = even)" if routed_layers
-                                                               else "")
-          + f" | lr {lr:.2e} | {tok_s:,.0f} tok/s | {left / 60:.1f} min left", flush=True)
 
 
 def stopped(env, signum, step, max_steps, folder):
@@ -370,12 +374,13 @@ def restore(folder, resume, model, optimizer, scaler, env, full_method):
     ckpt = folder.checkpoint if env.master else {}
     peaks = [group["peak_lr"] for group in optimizer.param_groups]  # --allow_resume_changes may change them
     if env.fsdp:
-        processes.load_full_state(model, optimizer, ckpt.get("model") if full_method else None, ckpt.get("optimizer"),
-                                  env)
+        processes.load_gathered_state(model, optimizer, ckpt.get("model", {}) if full_method else None,
+                                      ckpt.get("optimizer"), env)
     else:
         if full_method:
             model.load_state_dict(processes.broadcast_tree(env, ckpt.get("model")))
         optimizer.load_state_dict(processes.broadcast_tree(env, ckpt.get("optimizer")))
+    folder.checkpoint = None  # rank 0 holds no second copy of the state for the rest of the run
     for group, peak in zip(optimizer.param_groups, peaks):
         group["peak_lr"] = peak
     if resume["scaler"]:
@@ -388,18 +393,19 @@ def restore(folder, resume, model, optimizer, scaler, env, full_method):
 def check_same_run(saved, args):
     """The checkpoint must be of this run: the same method, adapter, model and task."""
     now = vars(args)
-    hard = flags.differences(saved, now, flags.RESUME_FLAGS, flags.model_name)
+    hard = [k for k in flags.RESUME_FLAGS if flags.model_name(k, saved.get(k)) != flags.model_name(k, now.get(k))]
     if hard:
-        original = " ".join(f"--{k}={saved[k]}" for k in flags.RESUME_FLAGS if saved.get(k) is not None
-                            and flags.model_name(k, saved.get(k)) != flags.model_name(k, now.get(k)))
-        raise SystemExit("--resume: the checkpoint is of another run (checkpoint vs now: " + "; ".join(hard)
-                         + f"). Resume with the original flags ({original}), or start a new run in another --out_dir")
+        fix = " ".join(f"--{k}={saved[k]}" if saved.get(k) is not None else f"drop --{k}" for k in hard)
+        raise SystemExit("--resume: the checkpoint is of another run (checkpoint vs now: "
+                         + "; ".join(flags.differences(saved, now, hard)) + f"). Resume with the original flags "
+                         f"({fix}), or start a new run in another --out_dir")
 
 
 def resume_changes(saved, args, world, fingerprint, max_steps, step):
     """The same training data always; the same schedule unless --allow_resume_changes.
     Returns the changes to record."""
-    now = dict(vars(args), world_size=world, global_batch=args.batch_size * args.grad_accum * world)
+    now = dict(vars(args), world_size=world, global_batch=args.batch_size * args.grad_accum * world,
+               max_steps=max_steps)  # resolved from --epochs as the checkpoint's was
     changes = flags.differences(saved, now, flags.SCHEDULE_FLAGS)
     if saved["data"]["train"] != fingerprint["train"]:
         changes.append(f"training data: checkpoint {saved['data']['train']}, now {fingerprint['train']} (other files, "
@@ -416,15 +422,15 @@ def resume_changes(saved, args, world, fingerprint, max_steps, step):
     return changes
 
 
-def save_checkpoint(folder, model, optimizer, scaler, step, record, env, trainable_state):
+def save_checkpoint(folder, model, optimizer, scaler, step, record, env, learned):
     """Every process takes part (its random state; FSDP's shards); only rank 0 holds the
-    whole state and writes it. `trainable_state()`: what the run learns, on rank 0."""
+    whole state and writes it. `learned()`: learned_state, called on every process."""
     rng = {"cpu": torch.get_rng_state()}
     if env.device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
     rngs = processes.gather(env, rng)
-    model_state = trainable_state()
-    _, optimizer_state = processes.full_state(model, optimizer, env, trainable_only=True)
+    model_state = learned()
+    optimizer_state = processes.gathered_optimizer_state(model, optimizer, env)
 
     def write():  # rank 0; every process learns whether it worked, and stops with it if not
         state = {"model": model_state, "optimizer": optimizer_state, "step": step, "rng": rngs,
@@ -453,16 +459,19 @@ def restore_random_state(rngs, env, step):
 # ---------------------------------------------------------------------------------
 # The adapter file
 
-def trainable_state(model, method, heads):
-    """What a run learns: the GOAT adapter plus the heads ({name: parameter}), or every weight
-    for full methods.
-    Under FSDP every process calls it for adapters (their shards are gathered)."""
+def learned_state(model, method, heads, env):
+    """What a run learns, whole on rank 0 (None elsewhere): the GOAT adapter plus the heads
+    ({name: parameter}), or every weight of a full method. Every process calls it: under
+    FSDP the shards are gathered (an adapter's, small, on every process; a full model's on
+    rank 0 alone)."""
+    if method not in flags.ADAPTER_METHODS:
+        return processes.gathered_model_state(model, env)
+    if not (env.fsdp or env.master):
+        return None
     plain = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
-    if method in flags.ADAPTER_METHODS:
-        state = goat.goat_state_dict(model)
-        state.update({f"head.{k}": plain(v) for k, v in heads.items()})
-        return state
-    return {k: plain(v) for k, v in model.state_dict().items()}
+    state = goat.goat_state_dict(model)
+    state.update({f"head.{k}": plain(v) for k, v in heads.items()})
+    return state if env.master else None
 
 
 def load_trainable_state(model, state, heads):
@@ -500,10 +509,15 @@ def save_adapter(folder, state, args, steps):
     if goat.CONFIG_KEY in state:
         meta[goat.CONFIG_KEY] = state.pop(goat.CONFIG_KEY)
     name = ADAPTER if args.method in flags.ADAPTER_METHODS else FULL_MODEL
+    tensors, seen = {}, set()
+    for key, tensor in state.items():  # tied weights (an LM head and its embedding) share storage:
+        tensor = tensor.contiguous()   # safetensors stores each storage once, so each gets its own
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
     folder.written(name)
     try:
-        atomic_write(folder / name, lambda f: f.write(save({k: v.contiguous() for k, v in state.items()},
-                                                          metadata=meta)))
+        atomic_write(folder / name, lambda f: f.write(save(tensors, metadata=meta)))
     except OSError as e:
         return f"could not write the adapter to {folder / name}: {e}; ckpt.pt holds the trained weights"
 

@@ -60,7 +60,8 @@ def refused(argv, match, capsys):
     (["--method=full-moe", "--top_k=9"], "--top_k=9: need .* top_k <= experts"),
     (["--lora_dropout=1"], "dropout"),
     (["--warmup=-2"], "--warmup=-2.0"),
-    (["--seed=1180591620717411303424"], r"--seed=\d+ must lie in \[0, 2\*\*63\)"),
+    (["--seed=1180591620717411303424"], r"--seed=\d+ must lie in \[0, 2\*\*32\)"),
+    (["--seed=100000000000000000"], r"must lie in \[0, 2\*\*32\)"),
     (["--resume", "--overwrite"], "pick one"),
     (["--resume", "--max_steps=0"], "--resume continues training.*--adapter=<its folder> --max_steps=0"),
     (["--lr=0", "--rank=0"], "bad flags:\n  --lr=0.0 .*\n  .*rank=0"),  # every problem at once
@@ -178,6 +179,39 @@ def test_overwrite_removes_only_what_train_py_wrote(tiny_bert_dir, glue_dir, tmp
     train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=3", "--overwrite"))
     assert read_result(run)["steps"] == 3 and set(run_folder.read_manifest(run)["files"]) == \
         {p.name for p in run.iterdir()} - {run_folder.MANIFEST}
+
+
+def test_a_damaged_manifest_cannot_delete_other_files(tiny_bert_dir, glue_dir, tmp_path):
+    run, precious = tmp_path / "run", tmp_path / "precious.txt"
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))
+    precious.write_text("mine")
+    manifest = json.loads((run / "run.json").read_text())
+    for name in ("../precious.txt", str(precious), "notes.txt"):
+        (run / "run.json").write_text(json.dumps(dict(manifest, files=manifest["files"] + [name])))
+        with pytest.raises(SystemExit, match="is not train.py's record of the folder"):
+            train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2", "--overwrite"))
+    assert precious.read_text() == "mine" and (run / "result.json").exists()
+
+
+def test_a_folder_inside_another_run_is_refused(tiny_bert_dir, glue_dir, tmp_path):
+    run = tmp_path / "run"
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))
+    with pytest.raises(SystemExit, match="inside the folder of another run"):
+        train.main(sst2(tiny_bert_dir, run / "sub", glue_dir, "--max_steps=0", f"--adapter={run}"))
+    assert not (run / "sub").exists()
+
+
+def test_a_relative_adapter_path_is_recorded_whole(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))
+    monkeypatch.chdir(run)
+    args = flags.parse_args(["--adapter=adapter.safetensors", "--max_steps=0", "--task=sst2"])
+    assert args.adapter == str(run / "adapter.safetensors") and args.out_dir == f"{run}-eval-sst2"
+
+
+def test_a_missing_model_is_named(glue_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--model=.*nowhere: cannot load its tokenizer"):
+        train.main(common(tmp_path / "nowhere", tmp_path / "run", "--task=sst2", f"--data_dir={glue_dir}"))
 
 
 def test_folders_of_models_are_refused(tiny_bert_dir, glue_dir, tmp_path):
@@ -304,6 +338,8 @@ def test_resume_checks_the_checkpoint_against_the_flags(tiny_bert_dir, glue_dir,
                 if not a.startswith(flag.split("=")[0] + "=")] + [flag]
         with pytest.raises(SystemExit, match=named):
             train.main(argv)
+    with pytest.raises(SystemExit, match=r"--segments: None vs 2.*original flags \(drop --segments\)"):
+        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--resume", "--segments=2"))
     with pytest.raises(SystemExit, match="--global_batch: 16 vs 8.*--allow_resume_changes"):
         train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--resume", "--batch_size=8"))
     other = tmp_path / "other"  # files with other contents: another run's data
@@ -366,6 +402,8 @@ def test_a_float16_run_resumes_with_its_loss_scale(tiny_bert_dir, glue_dir, tmp_
     train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--ckpt_every=1", "--dtype=float16", "--resume",
                     "--allow_resume_changes", f"--max_steps={ckpt['step'] + 1}"))
     assert torch.load(run / "ckpt.pt", weights_only=True)["scaler"]["scale"] in (1024.0, 512.0)
+    for line in (run / "metrics.jsonl").read_text().split("\n")[:-1]:  # an overflow step's norm is null, not Infinity
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"metrics.jsonl holds {name}"))
 
 
 def test_a_stop_signal_is_checkpointed_before_any_evaluation(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
@@ -481,12 +519,15 @@ def test_adapter_with_another_label_count_is_refused(tiny_bert_dir, glue_dir, tm
                           "--max_steps=0", f"--adapter={run}"))
 
 
-def test_default_goat_adapters_keep_goats_default_pair(tiny_bert_dir, glue_dir, tmp_path):
-    """GOAT's default lr and eta were tuned as a pair: continuing from an adapter trained
-    with the default eta keeps the default lr."""
-    run = tmp_path / "run"
-    train.main([a for a in sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2") if a not in ("--eta=1", "--lr=5e-3")])
-    assert flags.parse_args([f"--adapter={run}"]).lr == flags.GOAT_DEFAULT["lr"]
+def test_no_default_moves_when_another_flag_is_given():
+    """GOAT's learning rate and eta are set on their own: giving one (or the scaling) leaves
+    the others at their defaults."""
+    default = flags.parse_args([])
+    for argv in (["--lr=3e-3"], ["--scaling=alpha"], ["--eta=0.5"], ["--head_lr=1e-2"]):
+        args = flags.parse_args(argv)
+        for key in ("lr", "eta", "head_lr"):
+            if f"--{key}=" not in argv[0]:
+                assert getattr(args, key) == getattr(default, key), (argv, key)
 
 
 @pytest.mark.parametrize("content,match", [

@@ -164,6 +164,32 @@ def test_instruct_task_trains_and_scores_by_generation(tiny_llama_dir, tmp_path)
     assert 0.0 <= metrics["toy"]["accuracy"] <= 1.0
 
 
+def test_full_fine_tuning_of_a_model_with_tied_embeddings_saves_and_reloads(tmp_path):
+    """An LM head tied to the input embedding shares its storage: the saved file holds both
+    names (safetensors stores a storage once), and the evaluation reloads them."""
+    from conftest import write_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = tmp_path / "tied"
+    folder.mkdir()
+    vocab = write_tokenizer(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                 bos_token_id=None, eos_token_id=3, pad_token_id=0,
+                                 tie_word_embeddings=True)).save_pretrained(folder)
+    rows = [{"instruction": f"is it {w}?", "input": "", "output": "true", "answer": "true"} for w in POSITIVE] * 2
+    write_instruct(tmp_path / "data", "toy", rows)
+    argv = common(folder, tmp_path / "out", "--task=instruct", f"--data_dir={tmp_path / 'data'}", "--train_sets=toy",
+                  "--method=full", "--batch_size=4", "--max_steps=2", "--max_new_tokens=2", "--max_len=64")
+    trained = train.main(argv)
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(saved["lm_head.weight"], saved["model.embed_tokens.weight"])
+    again = train.main([a for a in argv if not a.startswith("--out_dir")] + ["--max_steps=0",
+                                                                            f"--adapter={tmp_path / 'out'}"])
+    assert again == trained
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "instruct").is_dir(), reason="../shared/data/instruct not present")
 def test_shared_instruct_sets_parse_and_gold_outputs_extract_to_answers():
     """Commonsense outputs are templates ("the correct answer is option2"): extraction must

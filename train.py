@@ -9,11 +9,12 @@ Fine-tune a Hugging Face model with GOAT (or a baseline) and report the task met
 Methods: goat, molora, lora, pissa, milora (presets of goat.py at equal total rank),
 full (full fine-tuning) and full-moe (the upcycled mixture of full experts).
 
-The machine learning reads top to bottom: the data, the model with the method applied,
-the training step with GOAT's balance loss, evaluation, then the run itself (optimizer,
-schedule, loop, result). What keeps a run safe sits behind calls into flags.py (every
-flag and its checks), processes.py (torchrun, DDP, FSDP, signals) and run_folder.py
-(the output folder, checkpoints, adapters and records).
+`run` below reads as the machine learning, top to bottom: the data, the model with the
+method applied, the optimizer and schedule, the loop, the result; the pieces it calls
+follow it (the data, the model, the training step with GOAT's balance loss,
+evaluation). What keeps a run safe sits behind calls into flags.py (every flag and its
+checks), processes.py (torchrun, DDP, FSDP, signals) and run_folder.py (the output
+folder, checkpoints, adapters and records).
 """
 import json
 import math
@@ -52,6 +53,7 @@ def main(argv=None):
 
 
 def run(args, env, folder):
+    t0 = time.time()
     if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
         args.dtype = "bfloat16" if env.device_type == "cuda" else "float32"
     dtype = args.dtype
@@ -59,7 +61,7 @@ def run(args, env, folder):
                 else torch.autocast(device_type=env.device_type, dtype=getattr(torch, dtype)))
     scaler = torch.amp.GradScaler(env.device_type, enabled=dtype == "float16")  # only fp16 needs loss scaling
     processes.same_everywhere(env, json.loads(json.dumps(vars(args), default=str)), "run with different flags",
-                              "is --adapter's file the same on every node?",
+                              "give every node the same command, and the same --adapter file",
                               lambda ours, theirs: "; ".join(flags.differences(ours, theirs, sorted(ours))))
 
     # the data: the same on every process, and on a resume the data the checkpoint trained on
@@ -93,7 +95,9 @@ def run(args, env, folder):
     if env.distributed:
         processes.seed_per_rank(args.seed, env.rank)  # each process its own dropout masks
     raw_model, model = model, processes.wrap(model, args, env)  # DDP, FSDP, torch.compile
-    learned = lambda: run_folder.trainable_state(raw_model, args.method, head_parameters(raw_model, heads))
+
+    def learned():  # what the run learns, whole on rank 0; every process calls it (FSDP gathers shards)
+        return run_folder.learned_state(raw_model, args.method, head_parameters(raw_model, heads), env)
 
     # the optimizer: AdamW without weight decay, the head at a rate of its own
     params = [p for p in raw_model.parameters() if p.requires_grad]  # after wrapping: FSDP replaces them by shards
@@ -108,10 +112,12 @@ def run(args, env, folder):
     # the loop
     model.train()
     health, stop = processes.Health(env.device), processes.StopSignals()
-    workers = args.workers if args.workers is not None else 4 if task.kind == "image" and env.device_type == "cuda" else 0
+    workers = args.workers
+    if workers is None:  # image decoding is the slow part of a GPU step: four processes prepare batches ahead
+        workers = 4 if task.kind == "image" and env.device_type == "cuda" else 0
     stream = micro_batches(Batches(items, collate, args, env.rank, env.world, start_step, max_steps), workers)
     routed_layers = sum(isinstance(m, goat.Routed) and m.experts > 1 for m in raw_model.modules())
-    t0 = t_log = time.time()
+    t_log, t_loop = time.time(), time.time()
     tokens, skipped = 0, []
     try:
         for step in range(start_step, max_steps):
@@ -124,7 +130,8 @@ def run(args, env, folder):
             for path in unread:
                 print(f"skipped an unreadable image: {path}", flush=True)
             done = step + 1
-            health.update(done, task_loss, grad_norm if not scaler.is_enabled() else task_loss)  # fp16 skips inf steps
+            # under fp16 an infinite gradient norm is a step the loss scaler skipped, not a fault
+            health.update(done, task_loss, grad_norm if not scaler.is_enabled() else task_loss)
             stopping = processes.any_rank(env, stop.received is not None)
             logging = done % args.log_every == 0 or done == max_steps or done == start_step + 1
             saving = done % args.ckpt_every == 0 or done == max_steps or stopping
@@ -133,8 +140,15 @@ def run(args, env, folder):
                 health.check(done, values, args, scaler.is_enabled())  # never save a bad state over a good one
             if logging and env.master:
                 now = time.time()
-                run_folder.log_step(folder, done, max_steps, values[:3], routed_layers, optimizer, tokens,
-                                    now - t_log, (now - t0) / (done - start_step) * (max_steps - done), raw_model, args)
+                task_loss_, balance_, grad_norm_ = values[:3]
+                balance_ /= max(routed_layers, 1)  # shown as its mean over layers: 1 is perfectly even routing
+                folder.log({"step": done, "loss": task_loss_ + args.balance_coef * balance_ * routed_layers,
+                            "task_loss": task_loss_, "balance_loss": balance_ if routed_layers else None,
+                            "grad_norm": grad_norm_, "lr": optimizer.param_groups[0]["lr"],
+                            "tokens_per_s": tokens / max(now - t_log, 1e-9),
+                            "expert_load": {k: [round(x, 4) for x in v.tolist()]
+                                            for k, v in goat.expert_load(raw_model).items()}},
+                           max_steps, minutes_left=(now - t_loop) / (done - start_step) * (max_steps - done) / 60)
                 tokens, t_log = 0, now
             if args.eval_every and done % args.eval_every == 0 and done < max_steps and not stopping:
                 evals = evaluate(raw_model, task, tokenizer, args, env, autocast)[0]  # after the checkpoint, if stopping
@@ -202,9 +216,15 @@ def load_data(args):
     model = args.model or flags.default_model()
     if task.kind == "image":  # images stay paths: decoded batch by batch, by the model's own processor
         from transformers import AutoImageProcessor
-        processor = AutoImageProcessor.from_pretrained(model)
+        try:
+            processor = AutoImageProcessor.from_pretrained(model)
+        except OSError as e:
+            raise SystemExit(f"--model={model}: cannot load its image processor ({str(e)[:300]})") from None
         return task, processor, task.train, partial(data.collate_images, processor=processor)
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except OSError as e:  # no such folder or hub id, no network, gated model
+        raise SystemExit(f"--model={model}: cannot load its tokenizer ({str(e)[:300]})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
     encode = data.encode_generation if task.kind == "generation" else data.encode_classification
@@ -311,7 +331,7 @@ def apply_method(model, args, heads, env, state=None):
     upcycled full MoE, or nothing (full fine-tuning). With `state` (an adapter's or a
     checkpoint's) the adapter is rebuilt from it, without an SVD."""
     targets = args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
-    exclude = tuple(goat.DEFAULT_EXCLUDE) + tuple(heads)
+    exclude = tuple(dict.fromkeys(goat.DEFAULT_EXCLUDE + tuple(heads)))  # the heads are trained in full
     try:
         if args.method == "full-moe":  # E trainable copies of every target weight; everything trains
             goat.add_upcycled_moe(model, args.experts or 8, args.top_k or 2, targets, exclude)
