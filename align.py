@@ -341,6 +341,7 @@ def main(argv=None):
     p.add_argument("--report_only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
+    code = commit()  # now: the code this process runs, whatever the repository becomes meanwhile
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(1)  # two settings run side by side on 2 cores
@@ -354,7 +355,7 @@ def main(argv=None):
                     continue
                 lr_full, steps = SETTINGS[kind]
                 record = run_setting(kind, seed, args.steps or steps, args.model, lr_full)
-                record["commit"] = commit()
+                record["commit"] = code
                 path.write_text(json.dumps(record, separators=(",", ":")) + "\n")
     text = report(out)
     if args.model is None:
