@@ -153,8 +153,8 @@ def resolve_scaling(cfg, n):
     d = cfg.expert_rank
     if cfg.scaling == "paper":
         return scaling_factor(n, d, cfg.eta)
-    if cfg.scaling == "adam":
-        return cfg.eta * math.sqrt(3.0 * n / d)
+    if cfg.scaling == "adam":  # the LoRA init's; SVD inits get one per expert from expert_scales
+        return adam_scaling_factor(None, n, cfg.eta, d=d)
     if cfg.scaling == "alpha":
         return cfg.alpha / d
     if cfg.scaling == "rslora":

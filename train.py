@@ -166,7 +166,7 @@ def run(args, env, folder):
     # the result: the adapter first (an evaluation that runs out of memory loses nothing), then the metric
     unsaved = None  # why the adapter could not be written (a full disk): said after the metric
     if not args.evaluate_only:
-        weights = learned() if env.fsdp or env.master else None  # under FSDP every process gathers its shards
+        weights = learned()
         unsaved = processes.from_rank0(env, lambda: run_folder.save_adapter(folder, weights, args,
                                                                               record["trained_steps"]))
     metrics, scored = evaluate(raw_model, task, tokenizer, args, env, autocast)
