@@ -158,6 +158,24 @@ def weight_gaps(model, full, pristine, names):
             "update_ratio": math.sqrt(ours / moved), "update_cosine": sums["dot"] / math.sqrt(ours * moved)}
 
 
+@torch.no_grad()
+def rank_ceiling(full, pristine, names, d=32 // 8):
+    """The highest cosine any change of rank d (and of rank 2d) can have with the full
+    MoE's changes dW_i, pooled like weight_gaps: sqrt(sum_i ||best rank-d part of dW_i||^2
+    / sum_i ||dW_i||^2) (Eckart-Young: the top singular values). An expert's change is
+    s (B A - B0 A0): rank d with B0 = 0 (MoLoRA), at most 2d from an SVD init (GOAT).
+    No scale s can align a LoRA MoE's updates beyond this."""
+    total, best = 0.0, {d: 0.0, 2 * d: 0.0}
+    for name in names:
+        W0 = pristine.get_submodule(name).weight.double()
+        for W in full.get_submodule(name).weight:
+            S2 = torch.linalg.svdvals(W.double() - W0).square()
+            total += float(S2.sum())
+            for r in best:
+                best[r] += float(S2[:r].sum())
+    return {f"rank {r}": math.sqrt(v / max(total, 1e-300)) for r, v in best.items()}
+
+
 def run_setting(kind, seed, steps, model_path, lr_full):
     task, batches = load_batches(seed, steps, model_path)
     pristine, full, variants, names = build_models(model_path, task.num_labels, seed)
@@ -193,6 +211,7 @@ def run_setting(kind, seed, steps, model_path, lr_full):
                 if label in alive:
                     for key, value in weight_gaps(variants[label], full, pristine, names).items():
                         row.setdefault(key, {})[label] = value
+            row["cosine_ceiling"] = rank_ceiling(full, pristine, names)
             left = (time.time() - t0) / (step + 1) * (steps - step - 1)
             print(f"{kind} seed {seed} step {step + 1}/{steps} | full MoE loss {losses['full MoE']:.4f} | "
                   + " | ".join(f"{k}: agree {row['agreement'].get(k, float('nan')):.2f} "
@@ -251,9 +270,16 @@ def report(folder):
             lines.append(f"| {kind} (lr {mine[0]['lr_full']:g}) | {label} | {statistics.mean(agree.values()):.3f} | "
                          f"{end(weight)} | {end(update)} | {end(ratio)} | {end(cosine)} | "
                          f"{statistics.mean(loss.values()):+.3f} | {len(mine)} |")
+        ceiling = {r: series(mine, "cosine_ceiling", r) for r in ("rank 4", "rank 8")}
+        if all(ceiling.values()):  # records from before the ceiling was measured have none
+            lines.append(f"| {kind} | the best any change of rank 4 (rank 8) can do | | | | | "
+                         f"{' ('.join(f'{c[max(c)]:.2f}' for c in ceiling.values())}) | | "
+                         f"{sum('cosine_ceiling' in row for r in mine for row in r['rows'][-1:])} |")
     lines.append(f"\neta = {ETA:g}: the full MoE at lr, the adapters at lr / eta; means over seeds. Weight gap: "
                  "||W_res + s_i B_i A_i - W_i|| / ||W_i - W0||; update gap: the same for the changes since the "
-                 "start (dW~_i, dW_i), whose norm ratio and cosine follow. Records: results/align/, commits " + ", ".join(sorted({r['commit'] for r in records})) + ".")
+                 "start (dW~_i, dW_i), whose norm ratio and cosine follow; the best cosine any change of "
+                 "rank d = 4 (a MoLoRA expert's) or 2d (a GOAT expert's, B0 != 0) can have with dW_i is the share "
+                 "of dW_i's norm in its top singular values. Records: results/align/, commits " + ", ".join(sorted({r['commit'] for r in records})) + ".")
     return "\n".join(lines)
 
 
@@ -322,6 +348,12 @@ def plot(folder, path):
                 points = series(mine, key, label)
                 if points:
                     ax.plot(list(points), list(points.values()), label=label, linewidth=1.1)
+            if key == "update_cosine":
+                for rank, style in (("rank 4", ":"), ("rank 8", "--")):
+                    points = series(mine, "cosine_ceiling", rank)
+                    if points:
+                        ax.plot(list(points), list(points.values()), "k" + style, linewidth=0.9,
+                                label=f"best of any {rank} change")
             ax.set_title(f"{kind}: {title}", fontsize=9)
             ax.set_xlabel("step")
             ax.set_yscale(scale)

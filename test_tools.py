@@ -185,6 +185,10 @@ def test_align_records_every_variant_step_by_step_in_strict_json(tiny_bert_dir, 
     assert all(0.0 <= a <= 1.0 for row in record["rows"] for a in row["agreement"].values())
     assert set(last["weight_gap"]) == set(align.VARIANTS)  # measured on the last step
     assert all(g > 0 and math.isfinite(g) for g in last["weight_gap"].values())
-    assert "| sgd (lr 0.03) | GOAT, paper s |" in capsys.readouterr().out
+    ceiling = last["cosine_ceiling"]  # Eckart-Young: no rank-4 change is closer in angle than the best one
+    assert 0 < ceiling["rank 4"] <= ceiling["rank 8"] <= 1 + 1e-9
+    assert all(c <= ceiling["rank 8"] + 1e-6 for c in last["update_cosine"].values())
+    printed = capsys.readouterr().out
+    assert "| sgd (lr 0.03) | GOAT, paper s |" in printed and "the best any change of rank 4" in printed
     assert (tmp_path / "align.png").stat().st_size > 0
     assert align.finite_or_null({"loss": [1.0, float("nan")], "gap": float("inf")}) == {"loss": [1.0, None], "gap": None}
