@@ -74,7 +74,8 @@ TASKS = {"docstrings": (None, 400), "sst2": (4000, 1000), "cola": (None, 2000)}
 TASK_NAMES = {"docstrings": "docstrings acc", "sst2": "SST-2 acc", "cola": "CoLA mcc"}
 COMMON = ["--epochs=3", "--batch_size=32", "--rank=32", "--alpha=64", "--warmup=0.06", "--balance_coef=1e-3",
           "--lora_dropout=0.05", "--max_len=128", "--grad_clip=1.0", "--log_every=5", "--ckpt_every=1000000"]
-LADDER = [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3]  # about x3 apart
+LADDER = [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]  # about x3 apart, up to
+# the largest rate train.py accepts (the head-only control's score still rose at 0.3)
 TUNING_SEED, REPORT_SEEDS, LATER_SEEDS = 0, (1, 2, 3, 4, 5), (1, 2, 3)
 
 HEAD_ONLY = ["--method=lora", "--scaling=1e-9"]  # s = 1e-9: the encoder stays as it is; the head learns
