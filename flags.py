@@ -177,6 +177,15 @@ def problems(args):
     return found
 
 
+def check_max_len(args, config, tokenizer):
+    """--max_len within the positions the model and its tokenizer know."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    if limits and args.max_len > min(limits):
+        raise SystemExit(f"--max_len={args.max_len} exceeds the {min(limits)} positions this model has; "
+                         f"lower --max_len")
+
+
 def adopt_adapter_flags(args, given, saved):
     """--adapter: the flags that define it come from the adapter file (`saved`, its
     train flags) unless given; given ones must agree with it. Returns the problems."""

@@ -10,6 +10,7 @@ Rank by rank: every function here is called by every process at the same point, 
 their collectives match; only what `from_rank0` runs is rank 0's alone.
 """
 import ctypes
+import json
 import math
 import os
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import flags
 import goat
 
 # SIGTERM and SIGUSR1 are a cluster's preemption notices; SIGINT is Ctrl-C. Each finishes
@@ -50,7 +52,8 @@ class Processes:
 
 
 def start(args):
-    """The processes of this run; args.device resolved ("cuda" becomes "cuda:<index>")."""
+    """The processes of this run, on the device args.device names ("cuda" becomes
+    "cuda:<index>"); args.dtype resolved; every process checked to run the same flags."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(device).type
@@ -88,7 +91,20 @@ def start(args):
     if args.fsdp and "RANK" not in os.environ:
         print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
         env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
+    if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
+        args.dtype = "bfloat16" if kind == "cuda" else "float32"
+    same_everywhere(env, json.loads(json.dumps(vars(args), default=str)), "run with different flags",
+                    "give every node the same command, and the same --adapter file",
+                    lambda ours, theirs: "; ".join(flags.differences(ours, theirs, sorted(ours))))
     return env
+
+
+def loader_workers(args, task, env):
+    """--workers, or by default: image decoding is the slow part of a GPU step, so four
+    processes prepare image batches ahead there; text batches are ready in microseconds."""
+    if args.workers is not None:
+        return args.workers
+    return 4 if task.kind == "image" and env.device_type == "cuda" else 0
 
 
 def stop(env):

@@ -54,15 +54,10 @@ def main(argv=None):
 
 def run(args, env, folder):
     t0 = time.time()
-    if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
-        args.dtype = "bfloat16" if env.device_type == "cuda" else "float32"
-    dtype = args.dtype
+    dtype = args.dtype  # resolved by processes.start: bfloat16 on a GPU, float32 on the CPU, unless given
     autocast = (nullcontext() if dtype == "float32"
                 else torch.autocast(device_type=env.device_type, dtype=getattr(torch, dtype)))
     scaler = torch.amp.GradScaler(env.device_type, enabled=dtype == "float16")  # only fp16 needs loss scaling
-    processes.same_everywhere(env, json.loads(json.dumps(vars(args), default=str)), "run with different flags",
-                              "give every node the same command, and the same --adapter file",
-                              lambda ours, theirs: "; ".join(flags.differences(ours, theirs, sorted(ours))))
 
     # the data: the same on every process, and on a resume the data the checkpoint trained on
     torch.manual_seed(args.seed)  # same on every process: identical initial adapters and routers
@@ -112,9 +107,7 @@ def run(args, env, folder):
     # the loop
     model.train()
     health, stop = processes.Health(env.device), processes.StopSignals()
-    workers = args.workers
-    if workers is None:  # image decoding is the slow part of a GPU step: four processes prepare batches ahead
-        workers = 4 if task.kind == "image" and env.device_type == "cuda" else 0
+    workers = processes.loader_workers(args, task, env)
     stream = micro_batches(Batches(items, collate, args, env.rank, env.world, start_step, max_steps), workers)
     routed_layers = sum(isinstance(m, goat.Routed) and m.experts > 1 for m in raw_model.modules())
     t_log, t_loop = time.time(), time.time()
@@ -311,11 +304,7 @@ def load_model(args, task, tokenizer, base_dtype):
     for name in heads:  # trained heads keep float32 weights for AdamW, also on a bf16 base
         model.get_submodule(name).float()
     if task.kind != "image":
-        limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-        limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
-        if limits and args.max_len > min(limits):
-            raise SystemExit(f"--max_len={args.max_len} exceeds the {min(limits)} positions this model has; "
-                             f"lower --max_len")
+        flags.check_max_len(args, model.config, tokenizer)
         if model.config.pad_token_id is None:  # e.g. LLaMA: batches of several sequences need it
             model.config.pad_token_id = tokenizer.pad_token_id
     return model, sorted(heads)
