@@ -192,3 +192,19 @@ def test_align_records_every_variant_step_by_step_in_strict_json(tiny_bert_dir, 
     assert "| sgd (lr 0.03) | GOAT, paper s |" in printed and "the best any change of rank 4" in printed
     assert (tmp_path / "align.png").stat().st_size > 0
     assert align.finite_or_null({"loss": [1.0, float("nan")], "gap": float("inf")}) == {"loss": [1.0, None], "gap": None}
+
+
+def test_on_a_plateau_the_gentlest_rate_within_one_standard_error_is_chosen():
+    """The worst-task rule picks 1e-3 by a difference far below the noise; the one-standard-
+    error rule takes the smallest lr within one standard error of it on every task, and no
+    lr whose score on one task lies further below."""
+    majority = {"docstrings": 0.2, "sst2": 0.5, "cola": 0.0}
+    scores = {1e-4: {"docstrings": 0.70, "sst2": 0.80, "cola": 0.40},   # docstrings: 5 points (2 se) below
+              3e-4: {"docstrings": 0.745, "sst2": 0.795, "cola": 0.395},
+              1e-3: {"docstrings": 0.75, "sst2": 0.80, "cola": 0.40}}
+    best = study.choose(scores, majority)
+    assert best == 1e-3 and study.within_noise(scores, best) == 3e-4
+    assert study.standard_error("docstrings", 0.75) == pytest.approx((0.75 * 0.25 / 400) ** 0.5)
+    assert study.standard_error("cola", 0.4) == pytest.approx(0.84 / 1999 ** 0.5)
+    scores[3e-4]["cola"] = 0.40 - 0.03  # 0.03 below on CoLA, where one standard error is 0.019
+    assert study.within_noise(scores, best) == 1e-3
