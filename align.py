@@ -56,6 +56,8 @@ VARIANTS = {  # name: GOATConfig overrides (rank 32, 8 experts, top-2, no dropou
     "MoLoRA, s = alpha/d": dict(init="lora", scaling="alpha", alpha=64),
 }
 TRAIN_EXAMPLES, BATCH, MAX_LEN, MEASURE_EVERY = 4000, 32, 128, 10
+RANK, EXPERTS, TOP_K = 32, 8, 2  # total rank; an expert's rank is RANK // EXPERTS
+CEILINGS = (f"rank {RANK // EXPERTS}", f"rank {2 * RANK // EXPERTS}")  # a MoLoRA expert's change, a GOAT expert's
 
 
 def load_batches(seed, steps, model_path):
@@ -83,7 +85,7 @@ def build_models(model_path, num_labels, seed):
     pristine = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     full = copy.deepcopy(pristine)
-    names = goat.add_upcycled_moe(full, experts=8, top_k=2)
+    names = goat.add_upcycled_moe(full, experts=EXPERTS, top_k=TOP_K)
     full.requires_grad_(False)
     for name in names:  # experts and routers train; biases stay, as in the LoRA models
         full.get_submodule(name).weight.requires_grad_(True)
@@ -92,7 +94,7 @@ def build_models(model_path, num_labels, seed):
     variants = {}
     for label, overrides in VARIANTS.items():
         model = copy.deepcopy(pristine)
-        goat.add_goat(model, goat.GOATConfig(rank=32, experts=8, top_k=2, dropout=0.0, **overrides))
+        goat.add_goat(model, goat.GOATConfig(rank=RANK, experts=EXPERTS, top_k=TOP_K, dropout=0.0, **overrides))
         with torch.no_grad():
             for name in names:
                 model.get_submodule(name).lora_router.copy_(full.get_submodule(name).router)
@@ -123,7 +125,7 @@ def chosen_experts(model, names):
     return {name: model.get_submodule(name)._chosen for name in names}
 
 
-def router_agreement(ours, theirs, mask, top_k=2):
+def router_agreement(ours, theirs, mask, top_k=TOP_K):
     """Mean over layers and real tokens of the share of the full MoE's top-k that ours picks too
     (the pooler routes one token per example: all of them real)."""
     shares = [((ours[n] * theirs[n]).sum(-1) / top_k) for n in theirs]
@@ -159,12 +161,13 @@ def weight_gaps(model, full, pristine, names):
 
 
 @torch.no_grad()
-def rank_ceiling(full, pristine, names, d=32 // 8):
+def rank_ceiling(full, pristine, names, d=RANK // EXPERTS):
     """The highest cosine any change of rank d (and of rank 2d) can have with the full
     MoE's changes dW_i, pooled like weight_gaps: sqrt(sum_i ||best rank-d part of dW_i||^2
-    / sum_i ||dW_i||^2) (Eckart-Young: the top singular values). An expert's change is
-    s (B A - B0 A0): rank d with B0 = 0 (MoLoRA), at most 2d from an SVD init (GOAT).
-    No scale s can align a LoRA MoE's updates beyond this."""
+    / sum_i ||dW_i||^2): for one expert <X, Y> <= ||X|| ||Y_r|| for any X of rank <= r,
+    Y_r the top-r singular part of Y (von Neumann's trace inequality), and Cauchy-Schwarz
+    over the experts pools it. An expert's change is s (B A - B0 A0): rank d with B0 = 0
+    (MoLoRA), at most 2d from an SVD init (GOAT). No scale s aligns the updates beyond this."""
     total, best = 0.0, {d: 0.0, 2 * d: 0.0}
     for name in names:
         W0 = pristine.get_submodule(name).weight.double()
@@ -184,7 +187,7 @@ def run_setting(kind, seed, steps, model_path, lr_full):
     for model in models.values():
         model.train()
     rows, t0 = [], time.time()
-    alive = set(models)
+    alive, full_diverged_at = set(models), None
     for step, batch in enumerate(batches):
         mask = batch["attention_mask"].reshape(-1).bool()
         losses, choices = {}, {}
@@ -199,6 +202,9 @@ def run_setting(kind, seed, steps, model_path, lr_full):
             losses[label] = float(loss.detach())
             if not math.isfinite(losses[label]):
                 alive.discard(label)  # diverged: recorded as such, the others go on
+        if "full MoE" not in alive:  # the reference itself diverged: nothing is left to align with
+            full_diverged_at = step + 1
+            break
         row = {"step": step + 1, "loss": {"full MoE": losses["full MoE"]}, "agreement": {}, "loss_gap": {}}
         for label in variants:
             if label in losses:
@@ -215,13 +221,13 @@ def run_setting(kind, seed, steps, model_path, lr_full):
             left = (time.time() - t0) / (step + 1) * (steps - step - 1)
             print(f"{kind} seed {seed} step {step + 1}/{steps} | full MoE loss {losses['full MoE']:.4f} | "
                   + " | ".join(f"{k}: agree {row['agreement'].get(k, float('nan')):.2f} "
-                               f"gap {row['weight_gap'].get(k, float('nan')):.2f} "
-                               f"update cos {row['update_cosine'].get(k, float('nan')):.2f}" for k in variants)
+                               f"gap {row.get('weight_gap', {}).get(k, float('nan')):.2f} "
+                               f"update cos {row.get('update_cosine', {}).get(k, float('nan')):.2f}" for k in variants)
                   + f" | {left / 60:.1f} min left", flush=True)
         rows.append(row)
     return {"optimizer": kind, "seed": seed, "lr_full": lr_full, "eta": ETA, "steps": steps, "task": task.name,
             "train_examples": TRAIN_EXAMPLES, "batch": BATCH, "variants": VARIANTS, "rows": rows,
-            "seconds": round(time.time() - t0, 1)}
+            "full_moe_diverged_at": full_diverged_at, "seconds": round(time.time() - t0, 1)}
 
 
 def commit():
@@ -270,11 +276,11 @@ def report(folder):
             lines.append(f"| {kind} (lr {mine[0]['lr_full']:g}) | {label} | {statistics.mean(agree.values()):.3f} | "
                          f"{end(weight)} | {end(update)} | {end(ratio)} | {end(cosine)} | "
                          f"{statistics.mean(loss.values()):+.3f} | {len(mine)} |")
-        ceiling = {r: series(mine, "cosine_ceiling", r) for r in ("rank 4", "rank 8")}
-        if all(ceiling.values()):  # records from before the ceiling was measured have none
-            lines.append(f"| {kind} | the best any change of rank 4 (rank 8) can do | | | | | "
-                         f"{' ('.join(f'{c[max(c)]:.2f}' for c in ceiling.values())}) | | "
-                         f"{sum('cosine_ceiling' in row for r in mine for row in r['rows'][-1:])} |")
+        low, high = (series(mine, "cosine_ceiling", r) for r in CEILINGS)
+        if low and high:  # records from before the ceiling was measured have none
+            lines.append(f"| {kind} (lr {mine[0]['lr_full']:g}) | the best any change of {CEILINGS[0]} "
+                         f"({CEILINGS[1]}) can do | | | | | {low[max(low)]:.2f} ({high[max(high)]:.2f}) | | "
+                         f"{sum('cosine_ceiling' in r['rows'][-1] for r in mine)} |")
     lines.append(f"\neta = {ETA:g}: the full MoE at lr, the adapters at lr / eta; means over seeds. Weight gap: "
                  "||W_res + s_i B_i A_i - W_i|| / ||W_i - W0||; update gap: the same for the changes since the "
                  "start (dW~_i, dW_i), whose norm ratio and cosine follow; the best cosine any change of "
@@ -349,7 +355,7 @@ def plot(folder, path):
                 if points:
                     ax.plot(list(points), list(points.values()), label=label, linewidth=1.1)
             if key == "update_cosine":
-                for rank, style in (("rank 4", ":"), ("rank 8", "--")):
+                for rank, style in zip(CEILINGS, (":", "--")):
                     points = series(mine, "cosine_ceiling", rank)
                     if points:
                         ax.plot(list(points), list(points.values()), "k" + style, linewidth=0.9,

@@ -82,20 +82,22 @@ def start(args):
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
         env.control = dist.new_group(backend="gloo") if kind == "cuda" else dist.group.WORLD
+    if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
+        args.dtype = "bfloat16" if kind == "cuda" else "float32"
+    # first, before any check that could stop one process alone: every process runs the same flags and torch
+    same_everywhere(env, json.loads(json.dumps(vars(args), default=str)), "run with different flags",
+                    "give every node the same command, and the same --adapter file",
+                    lambda ours, theirs: "; ".join(flags.differences(ours, theirs, sorted(ours))))
+    same_everywhere(env, torch.__version__, "run different torch versions", "install the same torch on every node")
     if args.fsdp and args.dtype == "float16":
         raise SystemExit("--fsdp with --dtype=float16 is not supported (its loss scaling is per process); use bfloat16")
-    if args.fsdp and kind == "cuda" and args.dtype in ("auto", "bfloat16") \
+    if args.fsdp and kind == "cuda" and args.dtype == "bfloat16" \
             and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 8):
         raise SystemExit(f"--fsdp with a bf16 base needs torch >= 2.8 (one FSDP group then holds the frozen bf16 "
                          f"base and the float32 adapters; pytorch#154103); this is {torch.__version__}")
     if args.fsdp and "RANK" not in os.environ:
         print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
         env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
-    if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
-        args.dtype = "bfloat16" if kind == "cuda" else "float32"
-    same_everywhere(env, json.loads(json.dumps(vars(args), default=str)), "run with different flags",
-                    "give every node the same command, and the same --adapter file",
-                    lambda ours, theirs: "; ".join(flags.differences(ours, theirs, sorted(ours))))
     return env
 
 

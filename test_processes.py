@@ -229,6 +229,34 @@ def _two_processes(rank, world, port, results):
     os._exit(0)  # as train.py under torchrun: no interpreter shutdown for gloo's threads to abort
 
 
+def _start(rank, world, port, results, argv):
+    """processes.start as torchrun runs it, each process with its own command line."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    try:
+        processes.start(flags.parse_args(argv[rank]))
+        results[rank] = "started"
+    except SystemExit as e:
+        results[rank] = str(e)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def test_processes_started_with_other_flags_all_stop_before_any_check_of_their_own():
+    """Process 1 alone asks for fp16 under FSDP, which start refuses: were that checked
+    first, process 1 would exit alone and process 0 wait in the next collective. The
+    flags are compared first, so both stop, naming the difference."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    argv = [["--device=cpu", "--fsdp"], ["--device=cpu", "--fsdp", "--dtype=float16"]]
+    mp.spawn(_start, args=(2, port, results, argv), nprocs=2)
+    for rank in (0, 1):
+        assert "run with different flags (--dtype: 'float32' vs 'float16')" in results[rank]
+
+
 def test_processes_must_hold_the_same_weights_flags_and_data():
     import torch.multiprocessing as mp
     with socket.socket() as s:
