@@ -181,8 +181,8 @@ def choose(scores, majority):
 def standard_error(task, value):
     """Of a validation metric on the task's held-out examples, roughly: accuracy
     sqrt(p (1 - p) / n); MCC 1 / sqrt(n), its standard error at 0 (simulated with
-    CoLA's label shares on 2,000 examples it stays within about 10% of that up to MCC
-    0.6). 0 for a diverged run's -inf."""
+    CoLA's label shares on 2,000 examples, the true one stays within about 12% of that
+    up to MCC 0.6, and falls below it beyond). 0 for a diverged run's -inf."""
     n = TASKS[task][1]
     if not math.isfinite(value):
         return 0.0
