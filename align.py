@@ -270,7 +270,7 @@ def report(folder):
             agree, weight, update, ratio, cosine, loss = (series(mine, k, label) for k in (
                 "agreement", "weight_gap", "update_gap", "update_ratio", "update_cosine", "loss_gap"))
             if not agree or not weight:
-                lines.append(f"| {kind} | {label} | diverged | | | | | | {len(mine)} |")
+                lines.append(f"| {kind} (lr {mine[0]['lr_full']:g}) | {label} | diverged | | | | | | {len(mine)} |")
                 continue
             end = lambda points: f"{points[max(points)]:.2f}"
             lines.append(f"| {kind} (lr {mine[0]['lr_full']:g}) | {label} | {statistics.mean(agree.values()):.3f} | "
