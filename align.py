@@ -266,21 +266,23 @@ def report(folder):
         mine = [r for r in records if r["optimizer"] == kind]
         if not mine:
             continue
+        lr = mine[0]["lr_full"]  # null in a record only where it was not finite
+        setting = f"{kind} (lr {lr:g})" if lr is not None else kind
         for label in VARIANTS:
             agree, weight, update, ratio, cosine, loss = (series(mine, k, label) for k in (
                 "agreement", "weight_gap", "update_gap", "update_ratio", "update_cosine", "loss_gap"))
             if not agree or not weight:
-                lines.append(f"| {kind} (lr {mine[0]['lr_full']:g}) | {label} | diverged | | | | | | {len(mine)} |")
+                lines.append(f"| {setting} | {label} | diverged | | | | | | {len(mine)} |")
                 continue
             end = lambda points: f"{points[max(points)]:.2f}"
-            lines.append(f"| {kind} (lr {mine[0]['lr_full']:g}) | {label} | {statistics.mean(agree.values()):.3f} | "
+            lines.append(f"| {setting} | {label} | {statistics.mean(agree.values()):.3f} | "
                          f"{end(weight)} | {end(update)} | {end(ratio)} | {end(cosine)} | "
                          f"{statistics.mean(loss.values()):+.3f} | {len(mine)} |")
         low, high = (series(mine, "cosine_ceiling", r) for r in CEILINGS)
         if low and high:  # records from before the ceiling was measured have none
-            lines.append(f"| {kind} (lr {mine[0]['lr_full']:g}) | the best any change of {CEILINGS[0]} "
+            lines.append(f"| {setting} | the best any change of {CEILINGS[0]} "
                          f"({CEILINGS[1]}) can do | | | | | {low[max(low)]:.2f} ({high[max(high)]:.2f}) | | "
-                         f"{sum('cosine_ceiling' in r['rows'][-1] for r in mine)} |")
+                         f"{sum(bool(r['rows']) and 'cosine_ceiling' in r['rows'][-1] for r in mine)} |")
     lines.append(f"\neta = {ETA:g}: the full MoE at lr, the adapters at lr / eta; means over seeds. Weight gap: "
                  "||W_res + s_i B_i A_i - W_i|| / ||W_i - W0||; update gap: the same for the changes since the "
                  "start (dW~_i, dW_i), whose norm ratio and cosine follow; the best cosine any change of "
