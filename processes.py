@@ -85,7 +85,8 @@ def start(args):
     if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
         args.dtype = "bfloat16" if kind == "cuda" else "float32"
     # first, before any check that could stop one process alone: every process runs the same flags and torch
-    same_everywhere(env, json.loads(json.dumps(vars(args), default=str)), "run with different flags",
+    named = {k: flags.model_name(k, v) for k, v in vars(args).items()}  # each node may keep the files elsewhere
+    same_everywhere(env, json.loads(json.dumps(named, default=str)), "run with different flags",
                     "give every node the same command, and the same --adapter file",
                     lambda ours, theirs: "; ".join(flags.differences(ours, theirs, sorted(ours))))
     same_everywhere(env, torch.__version__, "run different torch versions", "install the same torch on every node")

@@ -55,6 +55,17 @@ def json_text(obj):
     return json.dumps(obj, indent=2, allow_nan=False)
 
 
+def finite_or_null(value):
+    """value with every NaN or infinite float, however deep, as None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 class Lock:
     """An OS lock (flock) on out_dir/train.lock: a second run cannot take it while the first
     lives, and the OS releases it when the holder dies, however it dies (no stale locks).
@@ -117,8 +128,7 @@ class RunFolder:
     def log(self, row, max_steps, minutes_left):
         """One row of metrics.jsonl (a non-finite value, such as an fp16 overflow step's gradient
         norm, written as null) and one progress line."""
-        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self.append_metrics(finite)
+        self.append_metrics(finite_or_null(row))
         balance = f" | balance {row['balance_loss']:.3f} (1 = even)" if row["balance_loss"] is not None else ""
         print(f"step {row['step']}/{max_steps} | loss {row['task_loss']:.4f}{balance} | lr {row['lr']:.2e} "
               f"| {row['tokens_per_s']:,.0f} tok/s | {minutes_left:.1f} min left", flush=True)

@@ -669,3 +669,14 @@ def test_zero_epochs_with_steps_trains():
     args = flags.parse_args(["--epochs=0", "--max_steps=5"])
     assert not args.evaluate_only and args.out_dir == "out"
     assert flags.parse_args(["--epochs=0"]).evaluate_only and flags.parse_args(["--max_steps=0"]).evaluate_only
+
+
+def test_metrics_rows_are_strict_json_however_deep_a_non_finite_value_sits(tmp_path):
+    """An expert load of 0/0 (no routed token) inside a row must not stop rank 0 alone."""
+    import run_folder
+    folder = run_folder.RunFolder(tmp_path, "train")
+    row = {"step": 1, "task_loss": 0.5, "balance_loss": None, "lr": 1e-3, "tokens_per_s": 10.0,
+           "grad_norm": float("inf"), "expert_load": {"layer": [0.5, float("nan")]}}
+    folder.log(row, 2, 0.1)
+    written = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert written["grad_norm"] is None and written["expert_load"] == {"layer": [0.5, None]}

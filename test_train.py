@@ -185,6 +185,10 @@ def test_full_fine_tuning_of_a_model_with_tied_embeddings_saves_and_reloads(tmp_
     from safetensors.torch import load_file
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(saved["lm_head.weight"], saved["model.embed_tokens.weight"])
+    model = LlamaForCausalLM.from_pretrained(folder)
+    assert not torch.equal(saved["model.embed_tokens.weight"], model.model.embed_tokens.weight)  # the trained ones
+    model.load_state_dict(saved)  # strict: every weight of the model is in the file, under its own name
+    assert torch.equal(model.lm_head.weight, saved["lm_head.weight"])
     again = train.main([a for a in argv if not a.startswith("--out_dir")] + ["--max_steps=0",
                                                                             f"--adapter={tmp_path / 'out'}"])
     assert again == trained
