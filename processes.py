@@ -81,15 +81,20 @@ def start(args):
     env.device = device
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-        env.control = dist.new_group(backend="gloo") if kind == "cuda" else dist.group.WORLD
-    if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
-        args.dtype = "bfloat16" if kind == "cuda" else "float32"
+        # made by every process, on a GPU or not: one whose GPU is hidden (CUDA_VISIBLE_DEVICES,
+        # a node without its driver) under --device=auto then still meets the others here and
+        # stops with them at the check below, instead of leaving them waiting for it
+        env.control = dist.new_group(backend="gloo")
     # first, before any check that could stop one process alone: every process runs the same flags and torch
     named = {k: flags.model_name(k, v) for k, v in vars(args).items()}  # each node may keep the files elsewhere
     same_everywhere(env, json.loads(json.dumps(named, default=str)), "run with different flags",
                     "give every node the same command, and the same --adapter file",
                     lambda ours, theirs: "; ".join(flags.differences(ours, theirs, sorted(ours))))
     same_everywhere(env, torch.__version__, "run different torch versions", "install the same torch on every node")
+    same_everywhere(env, kind, "run on different kinds of device", "make a GPU visible to every process "
+                    "(CUDA_VISIBLE_DEVICES, drivers), or run all of them with --device=cpu")
+    if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
+        args.dtype = "bfloat16" if kind == "cuda" else "float32"
     if args.fsdp and args.dtype == "float16":
         raise SystemExit("--fsdp with --dtype=float16 is not supported (its loss scaling is per process); use bfloat16")
     if args.fsdp and kind == "cuda" and args.dtype == "bfloat16" \

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from functools import partial
 
 import numpy as np
@@ -229,10 +230,17 @@ def _two_processes(rank, world, port, results):
     os._exit(0)  # as train.py under torchrun: no interpreter shutdown for gloo's threads to abort
 
 
-def _start(rank, world, port, results, argv):
-    """processes.start as torchrun runs it, each process with its own command line."""
+def _start(rank, world, port, results, argv, gpu_ranks=()):
+    """processes.start as torchrun runs it, each process with its own command line; the
+    processes in gpu_ranks see a GPU (faked: NCCL, absent from a CPU build, becomes gloo)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    if rank in gpu_ranks:
+        torch.cuda.is_available, torch.cuda.device_count, torch.cuda.set_device = lambda: True, lambda: 1, print
+        init, new_group = processes.dist.init_process_group, processes.dist.new_group
+        processes.dist.init_process_group = lambda backend: init("gloo")
+        # a short wait: a process left waiting for a group its peers never make fails in seconds
+        processes.dist.new_group = lambda backend: new_group(backend=backend, timeout=timedelta(seconds=20))
     try:
         processes.start(flags.parse_args(argv[rank]))
         results[rank] = "started"
@@ -255,8 +263,23 @@ def test_processes_started_with_other_flags_all_stop_before_any_check_of_their_o
             ["--device=cpu", "--fsdp", "--dtype=float16", "--model=/node1/cache/MiniLM"]]
     mp.spawn(_start, args=(2, port, results, argv), nprocs=2)
     for rank in (0, 1):  # the model compares by its folder's name: each node may keep it elsewhere
-        assert results[rank].endswith("(--dtype: 'float32' vs 'float16'): give every node the same command, "
+        assert results[rank].endswith("(--dtype: 'auto' vs 'float16'): give every node the same command, "
                                       "and the same --adapter file")
+
+
+def test_a_process_whose_gpu_is_hidden_stops_with_the_others():
+    """Under --device=auto, process 0 sees a GPU and process 1 none: process 0 makes its
+    gloo group for control messages, so process 1 must make it too (it waited there
+    before), and then both stop, naming the difference."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_start, args=(2, port, results, [["--device=auto"]] * 2, (0,)), nprocs=2)
+    for rank in (0, 1):
+        assert results[rank].startswith("the processes run on different kinds of device (process 0: cuda; "
+                                         "process 1: cpu): make a GPU visible to every process")
 
 
 def test_processes_must_hold_the_same_weights_flags_and_data():
