@@ -159,8 +159,10 @@ def around(value):
 
 
 def informative(scores, majority):
-    """The tasks on which some setting beats the majority class; the others tell nothing."""
-    return [task for task in TASKS if max(s[task] for s in scores.values()) - majority[task] > 0]
+    """{task: the best metric of any setting there}, for the tasks on which some setting
+    beats the majority class; the others tell nothing."""
+    best = {task: max(s[task] for s in scores.values()) for task in TASKS}
+    return {task: value for task, value in best.items() if value > majority[task]}
 
 
 def choose(scores, majority):
@@ -169,8 +171,7 @@ def choose(scores, majority):
     majority), 1 for the best; its worst task decides (ties: the mean). A task on which no
     setting beats the majority class tells nothing and is left out."""
     relative = {}
-    for task in informative(scores, majority):
-        best = max(s[task] for s in scores.values())
+    for task, best in informative(scores, majority).items():
         relative[task] = {k: (s[task] - majority[task]) / (best - majority[task]) for k, s in scores.items()}
     if not relative:
         return max(scores, key=lambda k: statistics.mean(scores[k].values()))

@@ -219,7 +219,7 @@ def test_on_a_plateau_the_gentlest_rate_within_one_standard_error_is_chosen():
     assert study.gentlest_within_noise(scores, best, tasks) == (3e-4, 1e-4)
     for lr in scores:  # a task where nothing beats the majority class tells nothing, here too
         scores[lr]["cola"] = -0.1 if lr == 3e-4 else 0.0
-    assert study.informative(scores, majority) == ["docstrings", "sst2"]
+    assert list(study.informative(scores, majority)) == ["docstrings", "sst2"]
     assert study.gentlest_within_noise(scores, best, study.informative(scores, majority))[0] == 3e-4
 
 
