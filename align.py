@@ -256,6 +256,12 @@ def series(records, key, label):
     return {step: statistics.mean(v) for step, v in sorted(by_step.items())}
 
 
+def moving_mean(points, window):
+    """{step: mean of the values at this step and the window - 1 before it}."""
+    steps, values = list(points), list(points.values())
+    return {steps[i]: statistics.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(steps))}
+
+
 def report(folder):
     records = read_records(folder)
     if not records:
@@ -338,9 +344,12 @@ def effective_rates_text(model_path):
     return "\n".join(lines)
 
 
+LOSS_WINDOW = 10  # one batch's loss gap is mostly that batch's noise
+
 PANELS = (("agreement", "router agreement with the full MoE", "linear"), ("weight_gap", "weight gap", "log"),
           ("update_ratio", "||dW~|| / ||dW|| (1: moves as far)", "log"),
-          ("update_cosine", "cosine of dW~ and dW", "linear"), ("loss_gap", "loss minus the full MoE's", "linear"))
+          ("update_cosine", "cosine of dW~ and dW", "linear"),
+          ("loss_gap", f"loss - the full MoE's ({LOSS_WINDOW}-step mean)", "linear"))
 
 
 def plot(folder, path):
@@ -351,12 +360,14 @@ def plot(folder, path):
     kinds = [k for k in SETTINGS if any(r["optimizer"] == k for r in records)]
     if not kinds:
         return
-    fig, axes = plt.subplots(len(kinds), len(PANELS), figsize=(18, 3.2 * len(kinds)), squeeze=False)
+    fig, axes = plt.subplots(len(kinds), len(PANELS), figsize=(19, 3.2 * len(kinds)), squeeze=False)
     for row_axes, kind in zip(axes, kinds):
         mine = [r for r in records if r["optimizer"] == kind]
         for ax, (key, title, scale) in zip(row_axes, PANELS):
             for label in VARIANTS:
                 points = series(mine, key, label)
+                if key == "loss_gap":
+                    points = moving_mean(points, LOSS_WINDOW)
                 if points:
                     ax.plot(list(points), list(points.values()), label=label, linewidth=1.1)
             if key == "update_cosine":
@@ -365,10 +376,15 @@ def plot(folder, path):
                     if points:
                         ax.plot(list(points), list(points.values()), "k" + style, linewidth=0.9,
                                 label=f"best of any {rank} change")
-            ax.set_title(f"{kind}: {title}", fontsize=9)
+            seeds = len({r["seed"] for r in mine})
+            ax.set_title(f"{kind}, {seeds} seed{'s' * (seeds > 1)}: {title}", fontsize=9)
             ax.set_xlabel("step")
             ax.set_yscale(scale)
     axes[0][0].legend(fontsize=7)
+    for row_axes in axes:  # the ceilings' key, where they were measured
+        ceilings = [(h, l) for h, l in zip(*row_axes[3].get_legend_handles_labels()) if l.startswith("best of")]
+        if ceilings:
+            row_axes[3].legend(*zip(*ceilings), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
