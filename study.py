@@ -35,7 +35,9 @@ found in them: docs/study-round1.md):
   MCC are never averaged). The smallest difference this design detects (80% power,
   two-sided 95%, 5 paired seeds, 1.66 paired standard deviations; round one's median
   paired sd was 2.6, 0.6 and 1.5 points): about 4.4 points on docstrings, 1.0 on SST-2,
-  2.4 MCC points on CoLA. A smaller difference is "not detected", not "equal".
+  2.4 MCC points on CoLA. A smaller difference is "not detected", not "equal". The
+  report also says whether each task's validation split orders the methods as its dev
+  set does (added with the first method runs, before any seed 1-5 run).
 - train.py's defaults, decided on seeds 1-5 by this rule: each method's default is its
   chosen setting unless one of its 15 reported runs collapses (dev metric within 1
   point of the majority class); GOAT's default scaling is the Adam scale if its paired
@@ -406,21 +408,18 @@ class Records:
         self.results = results
         self.runs, self.chosen = plan(results)
 
-    def dev(self, part, task, label, lr, seeds, flags=()):
-        """{seed: dev metric} of the finished runs."""
+    def dev(self, part, task, label, lr, seeds, flags=(), split="dev"):
+        """{seed: dev (or validation) metric} of the finished runs."""
         head = self.chosen.get("head")
         found = {s: self.results.get(Run(part, task, label, lr, head, s, flags).id) for s in seeds}
-        return {s: r["dev"] for s, r in found.items() if r and r["status"] == "ok"}
+        return {s: r[split] for s, r in found.items() if r and r["status"] == "ok"}
 
-    def headline_scores(self, label):
-        """{task: {seed: dev}} of a headline row at its chosen setting."""
-        if label == "head only":
-            lr = self.chosen.get("head")
-        else:
-            lr = self.chosen.get(label)
+    def headline_scores(self, label, split="dev"):
+        """{task: {seed: dev (or validation) metric}} of a headline row at its chosen setting."""
+        lr = self.chosen.get("head" if label == "head only" else label)
         if lr is None:
             return {}
-        return {task: self.dev("seeds", task, label, lr, REPORT_SEEDS) for task in TASKS}
+        return {task: self.dev("seeds", task, label, lr, REPORT_SEEDS, split=split) for task in TASKS}
 
     def majority(self, task, split="dev"):
         record = next((r for r in self.results.values() if r["task"] == task and r.get("majority")), None)
@@ -524,6 +523,38 @@ def mean_ranks(records):
     return "\n".join(lines)
 
 
+def split_agreement(records):
+    """Whether each task's validation split ranks the methods as its dev set does (seeds
+    1-5, each method at its chosen setting). The rule chooses on validation, so a task
+    where the two disagree beyond noise needs a longer schedule, a larger validation
+    split or replacing (round one's CoLA disagreed). Named: each pair of methods the two
+    order differently, with both mean gaps, "beyond noise" where the paired dev
+    difference's 95% interval excludes 0."""
+    labels = ["head only"] + [label for label in METHODS if label in records.chosen]
+    lines = ["| task | pairs of methods ordered alike | ordered differently (validation gap / dev gap, x100) |",
+             "|---|---|---|"]
+    for task in TASKS:
+        dev = {x: records.headline_scores(x)[task] for x in labels if records.headline_scores(x)}
+        val = {x: records.headline_scores(x, "val")[task] for x in dev}
+        done = [x for x in dev if len(dev[x]) == len(val[x]) == len(REPORT_SEEDS)]
+        if len(done) < 2:
+            continue
+        alike, differently = 0, []
+        for i, a in enumerate(done):
+            for b in done[i + 1:]:
+                val_gap = statistics.mean(val[a].values()) - statistics.mean(val[b].values())
+                dev_gap = statistics.mean(dev[a].values()) - statistics.mean(dev[b].values())
+                if val_gap * dev_gap > 0 or val_gap == dev_gap == 0:
+                    alike += 1
+                    continue
+                mean, half = t_interval([dev[a][s] - dev[b][s] for s in REPORT_SEEDS])
+                noise = ", beyond noise" if abs(mean) > half else ""
+                differently.append(f"{a} vs {b}: {val_gap * 100:+.1f} / {dev_gap * 100:+.1f}{noise}")
+        lines.append(f"| {TASK_NAMES[task]} | {alike} of {alike + len(differently)} | "
+                     f"{'; '.join(differently) or '-'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def defaults(records):
     """The rule fixed before the runs, applied to seeds 1-5."""
     lines = []
@@ -589,6 +620,7 @@ def report(records):
         sections.append((f"Paired differences: {label}",
                          paired_table(records, label, ["goat (Adam s)", "goat", "goat (alpha)", "molora", "lora",
                                                        "pissa", "milora", "full", "head only"])))
+    sections.append(("Does validation rank the methods as dev does?", split_agreement(records)))
     sections.append(("train.py's defaults, by the rule fixed beforehand", defaults(records)))
     adam_lr, paper_lr = records.chosen.get("goat (Adam s)"), records.chosen.get("goat")
     if adam_lr is not None:

@@ -107,6 +107,22 @@ def test_report_from_result_files_alone(tmp_path, monkeypatch):
     assert (tmp_path / "study_lr_sweep.png").exists() and (tmp_path / "study_loss_sst2.png").exists()
 
 
+def test_a_task_whose_validation_and_dev_order_methods_differently_is_named(monkeypatch):
+    """On CoLA GOAT trails LoRA on validation by 1 point and leads it on dev by 2 at
+    every seed: the pair is named, beyond noise; where they tie, nothing is."""
+    monkeypatch.setattr(study, "METHODS", {k: study.METHODS[k] for k in ("lora", "goat")})
+    results = finish_study({})
+    for record in results.values():
+        if record["label"] == "goat" and record["task"] == "cola" and record["part"] == "seeds":
+            record["val"] -= 0.01
+            record["dev"] += 0.02
+    text = study.split_agreement(study.Records(results))
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines()[2:]}
+    assert rows["CoLA mcc"].startswith("| CoLA mcc | 1 of 3 | ") and \
+        "lora vs goat: +1.0 / -2.0, beyond noise" in rows["CoLA mcc"], rows["CoLA mcc"]
+    assert rows["SST-2 acc"] == "| SST-2 acc | 3 of 3 | - |"
+
+
 # torch features the code uses, with the release that introduced them. The minimum in
 # requirements.txt must be at least the newest of those the code actually uses.
 TORCH_FEATURES = {
