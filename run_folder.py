@@ -276,18 +276,21 @@ def model_label(args):
 def start_records(folder, args, env, resumed_at, record):
     """Rank 0, once every input is known to be valid: --overwrite clears the old run only
     now (a mistyped flag destroys nothing), and only the files its manifest lists; then
-    config.json (`record`) and, for training, metrics.jsonl."""
+    config.json (`record`) and, for training, metrics.jsonl. Returns whether the resumed
+    step's evaluation is in metrics.jsonl (a stop signal at that step left it undone)."""
     if args.overwrite and (folder / MANIFEST).exists():
         for name in read_manifest(folder.path)["files"]:
             (folder / name).unlink(missing_ok=True)
     if resumed_at is not None:
         folder.manifest = dict(read_manifest(folder.path), state="running")
+    kept = ""
     if folder.kind == "train":
         folder.written(METRICS)
         kept = "" if resumed_at is None else read_metrics(folder / METRICS, resumed_at)
         atomic_write(folder / METRICS, lambda f: f.write(kept.encode()))
     if resumed_at is None or record.get("resumed_at_step_with_changes"):
         folder.write_json(CONFIG, record)
+    return any("eval" in row and row["step"] == resumed_at for row in map(json.loads, kept.splitlines()))
 
 
 def stopped(env, signum, step, max_steps, folder):

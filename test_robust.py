@@ -408,7 +408,7 @@ def test_a_float16_run_resumes_with_its_loss_scale(tiny_bert_dir, glue_dir, tmp_
 
 def test_a_stop_signal_is_checkpointed_before_any_evaluation(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
     """The grace period after SIGTERM is short: a stop at an --eval_every step writes its
-    checkpoint and leaves; the evaluation waits for the resumed run."""
+    checkpoint and leaves; the resumed run evaluates that step first, once."""
     class SignalAtStep3(processes.StopSignals):
         reads = 0
 
@@ -421,7 +421,7 @@ def test_a_stop_signal_is_checkpointed_before_any_evaluation(tiny_bert_dir, glue
         def received(self, value):
             pass
     evaluated = []
-    real_evaluate = train.evaluate
+    real_evaluate, real_stop_signals = train.evaluate, processes.StopSignals
     monkeypatch.setattr(processes, "StopSignals", SignalAtStep3)
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
     run = tmp_path / "run"
@@ -429,6 +429,10 @@ def test_a_stop_signal_is_checkpointed_before_any_evaluation(tiny_bert_dir, glue
         train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10", "--eval_every=1"))
     assert stopped.value.code == 128 + signal.SIGTERM
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 3 and len(evaluated) == 2  # steps 1 and 2
+    monkeypatch.setattr(processes, "StopSignals", real_stop_signals)
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10", "--eval_every=1", "--resume"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "eval" in row] == list(range(1, 10))  # step 3 too, and no step twice
 
 
 def test_resume_runs_no_svd(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
