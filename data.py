@@ -358,8 +358,11 @@ def read_instruct_json(path):
         if empty:  # str(None) would train on the text "None"
             raise ValueError(f"{path}: item {i} has a null or empty {empty}; instruction and answer need text, "
                              f"output a string")
-        examples.append({"prompt": format_prompt(row), "response": row["output"].strip(),
-                         "label": row["answer"].strip()})
+        label = row["answer"].strip()
+        if not answer_correct(label, label):  # else no generated text could ever score
+            raise ValueError(f"{path}: item {i}: answer {label!r} is in none of the forms the scorer reads: true or "
+                             f"false, option1 / solution1 / answer1 / ending1, a letter A-E, or a number")
+        examples.append({"prompt": format_prompt(row), "response": row["output"].strip(), "label": label})
     return examples
 
 

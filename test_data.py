@@ -71,6 +71,15 @@ def test_a_field_of_the_wrong_json_type_is_refused_with_its_name(tmp_path, field
         data.read_instruct_json(path)
 
 
+@pytest.mark.parametrize("answer", ["True", "yes", "(a)", "Paris", "option one"])
+def test_an_answer_the_scorer_cannot_read_is_refused(tmp_path, answer):
+    """Every generated text would score 0 against it, as if the model had learned nothing."""
+    assert not data.answer_correct(f"the answer is {answer}", answer)
+    path = write_instruct(tmp_path / "t.json", [item(), item(answer=answer)])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: item 1: answer {answer!r} is in none of the forms")):
+        data.read_instruct_json(path)
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_a_non_finite_json_number_answer_is_refused(tmp_path, literal):
     path = tmp_path / "nan.json"  # json.loads accepts these literals, though they are not JSON
