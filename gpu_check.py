@@ -1,6 +1,6 @@
 """
 The CUDA paths, checked in one go on one GPU in under 10 minutes, with one report
-(gpu_check.json and gpu_check.md, which the README quotes).
+(gpu_check.json and gpu_check.md, whose numbers go into docs/speed.md).
 
     python gpu_check.py                          # on a machine with a GPU
     python gpu_check.py --device=cpu --quick     # the same script on the CPU: a smoke test of it
@@ -473,13 +473,20 @@ def markdown(report):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", help="cuda, cuda:1, or cpu (a smoke test of this script)")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:1 (that GPU alone: the 2-GPU part then skips), "
+                                                    "or cpu (a smoke test of this script)")
     p.add_argument("--quick", action="store_true", help="small models and shapes, few steps")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for all parts (default: 540 on CUDA, leaving a margin in 10 minutes; 3600 on the CPU)")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where gpu_check.json and gpu_check.md go")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda:"):  # that GPU alone, here (before CUDA starts) and in every child process
+        visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(64)))).split(",")
+        index = int(args.device.split(":")[1])
+        if index >= len(visible):
+            p.error(f"--device={args.device}: CUDA_VISIBLE_DEVICES shows GPUs {','.join(visible)} only")
+        os.environ["CUDA_VISIBLE_DEVICES"], args.device = visible[index], "cuda"
     parts = [x for x in args.parts.split(",") if x]
     if [x for x in parts if x not in PARTS]:
         p.error(f"--parts: choose from {', '.join(PARTS)}")
