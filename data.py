@@ -18,7 +18,6 @@ A task is plain data: examples are dicts; train.py tokenises them with
 `encode_*` and batches them with `collate`.
 """
 
-import hashlib
 import importlib
 import inspect
 import json
@@ -134,8 +133,7 @@ class Task:
     evals: dict               # eval set name -> examples
     metric: str               # key of METRICS (generation: accuracy)
     labels: list = field(default_factory=list)  # class names, for classification
-    unreadable: int = 0       # image files left out when the task was read, all sets together
-    unreadable_by_set: dict = field(default_factory=dict)  # the same per set: {"train": n, "dev": m}
+    unreadable_by_set: dict = field(default_factory=dict)  # image files left out when read: {"train": n, "dev": m}
 
     @property
     def num_labels(self):
@@ -147,17 +145,6 @@ class Task:
         if bad:  # json.dumps would write NaN, which no JSON reader accepts
             raise ValueError(f"{self.name}: metric(s) {bad} are not finite numbers")
         return values
-
-    @property
-    def main_metric(self):
-        return self.metric
-
-    def fingerprint(self):
-        """A short hash of every example and label name: equal where the task's data is equal
-        (for docstrings: the same Python, whatever else the process has imported)."""
-        h = hashlib.sha256(json.dumps([self.name, self.labels, self.train, self.evals], sort_keys=True,
-                                      default=str).encode())
-        return h.hexdigest()[:12]
 
     def majority_baseline(self, scored=None):
         """Each eval set's metric when always predicting the commonest training label
@@ -552,7 +539,7 @@ def load_images(data_dir):
     if empty:
         raise ValueError(f"{', '.join(empty)}: class folder(s) with no readable image under train/; "
                          f"add images or remove the folder(s)")
-    return Task("images", "image", train, {"dev": dev}, "accuracy", classes, unreadable=bad_train + bad_dev,
+    return Task("images", "image", train, {"dev": dev}, "accuracy", classes,
                 unreadable_by_set={"train": bad_train, "dev": bad_dev})
 
 

@@ -174,7 +174,7 @@ def run(args, env, folder):
                **{name: len(examples) - len(scored[name]) + unreadable.get(name, 0)
                   for name, examples in task.evals.items()}}
     result = {"task": task.name, "method": args.method, "model": run_folder.model_label(args), "metrics": metrics,
-              "main_metric": task.main_metric,
+              "main_metric": task.metric,
               "majority_baseline": task.majority_baseline(scored) if task.kind != "generation" else None,
               "trainable_params": n_trainable, "heads": heads,
               "total_params": n_total, "train_examples": len(items),
@@ -182,8 +182,8 @@ def run(args, env, folder):
               "skipped_images": skipped if task.kind == "image" else None, "seconds": round(time.time() - t0, 1)}
     if env.master:
         for name, values in metrics.items():
-            base = (result["majority_baseline"] or {}).get(name, {}).get(task.main_metric)
-            print(f"{name}: {task.main_metric} {values[task.main_metric]:.4f}"
+            base = (result["majority_baseline"] or {}).get(name, {}).get(task.metric)
+            print(f"{name}: {task.metric} {values[task.metric]:.4f}"
                   + (f" (majority-class baseline {base:.4f})" if base is not None else ""))
         print("RESULT " + json.dumps(result), flush=True)  # before anything is written: a full disk loses no result
     if unsaved:
