@@ -325,6 +325,8 @@ def read_instruct_json(path):
         rows = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a list of examples") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of objects")
     if not rows:

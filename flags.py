@@ -269,12 +269,20 @@ def read_adapter_flags(path):
     path = adapter_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            train_flags = json.loads((f.metadata() or {})["train_flags"])
-        assert isinstance(train_flags, dict)
-        return train_flags
-    except (KeyError, ValueError, AssertionError):
-        raise ValueError(f"--adapter: {path} does not say how it was trained (no train_flags in its metadata): "
-                         f"it was not written by train.py") from None
+            metadata = f.metadata() or {}
     except Exception as e:  # truncated or not safetensors
         raise ValueError(f"--adapter: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is damaged "
                          f"or not a safetensors file") from None
+    return train_flags_in(metadata, path)
+
+
+def train_flags_in(metadata, path):
+    """The flags in an adapter file's metadata; ValueError if it has none (not train.py's)."""
+    try:
+        train_flags = json.loads(metadata["train_flags"])
+    except (KeyError, ValueError, RecursionError):
+        train_flags = None
+    if not isinstance(train_flags, dict):
+        raise ValueError(f"--adapter: {path} does not say how it was trained (no train_flags in its metadata): "
+                         f"it was not written by train.py")
+    return train_flags

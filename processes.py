@@ -9,7 +9,9 @@ FSDP2 wrapping, the stop signals, and how a torchrun process exits.
 Rank by rank: every function here is called by every process at the same point, so
 their collectives match; only what `from_rank0` runs is rank 0's alone.
 """
+import contextlib
 import ctypes
+import io
 import json
 import math
 import os
@@ -177,10 +179,12 @@ def any_rank(env, flag):
 
 def together(env, work):
     """work() on every process; if it fails on any, every process stops, so none is left
-    waiting in a collective for one that is gone (until the NCCL timeout)."""
+    waiting in a collective for one that is gone (until the NCCL timeout). What the work
+    prints (a data warning), rank 0 says alone: eight copies of it say nothing more."""
     error, result = None, None
     try:
-        result = work()
+        with contextlib.nullcontext() if env.master else contextlib.redirect_stdout(io.StringIO()):
+            result = work()
     except (SystemExit, Exception) as e:  # a missing file on one node, an SVD out of memory on one GPU
         error = e
     if any_rank(env, error is not None):

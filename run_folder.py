@@ -199,7 +199,7 @@ def check_folder(folder, args):
         raise SystemExit(f"--out_dir={out} is the model's own folder; choose another --out_dir")
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out_dir={out} is a file, not a folder; choose another --out_dir")
-    inside = next((p for p in out.resolve().parents if (p / MANIFEST).exists()), None)
+    inside = next((p for p in out.resolve().parents if manifest_or_none(p)), None)  # not another tool's run.json
     if inside is not None:
         raise SystemExit(f"--out_dir={out} is inside the folder of another run ({inside}); choose a folder of "
                          f"its own")
@@ -232,16 +232,24 @@ def check_folder(folder, args):
 RUN_FILES = {CONFIG, METRICS, RESULT, CHECKPOINT, ADAPTER, FULL_MODEL, *PLOTS}  # what a run may write
 
 
-def read_manifest(out):
-    """run.json, checked: it may list only the files a run writes, in the folder itself."""
+def manifest_or_none(out):
+    """run.json if it is train.py's: it may list only the files a run writes, in the folder itself."""
     try:
         manifest = json.loads((Path(out) / MANIFEST).read_text())
-        assert isinstance(manifest, dict) and manifest.get("kind") in ("train", "eval")
-        assert isinstance(manifest.get("files"), list) and set(manifest["files"]) <= RUN_FILES
+    except (OSError, ValueError, RecursionError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if isinstance(files, list) and all(isinstance(f, str) and f in RUN_FILES for f in files) \
+            and manifest.get("kind") in ("train", "eval") and manifest.get("state") in ("running", "finished"):
         return manifest
-    except (OSError, ValueError, AssertionError):
-        raise SystemExit(f"{Path(out) / MANIFEST} is not train.py's record of the folder; choose another "
-                         f"--out_dir") from None
+    return None
+
+
+def read_manifest(out):
+    manifest = manifest_or_none(out)
+    if manifest is None:
+        raise SystemExit(f"{Path(out) / MANIFEST} is not train.py's record of the folder; choose another --out_dir")
+    return manifest
 
 
 def data_fingerprint(task, items):
@@ -549,9 +557,6 @@ def read_adapter(path):
     if goat.CONFIG_KEY in meta:
         state[goat.CONFIG_KEY] = meta[goat.CONFIG_KEY]
     try:
-        train_flags = json.loads(meta["train_flags"])
-        assert isinstance(train_flags, dict)
-    except (KeyError, ValueError, AssertionError):
-        raise SystemExit(f"--adapter: {path} does not say how it was trained (no train_flags in its metadata): "
-                         f"it was not written by train.py") from None
-    return state, train_flags
+        return state, flags.train_flags_in(meta, path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None

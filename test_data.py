@@ -81,6 +81,13 @@ def test_an_answer_the_scorer_cannot_read_is_refused(tmp_path, answer):
         data.read_instruct_json(path)
 
 
+def test_json_nested_past_the_recursion_limit_is_refused_with_its_file(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: nested too deeply")):
+        data.read_instruct_json(path)
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_a_non_finite_json_number_answer_is_refused(tmp_path, literal):
     path = tmp_path / "nan.json"  # json.loads accepts these literals, though they are not JSON

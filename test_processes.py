@@ -282,6 +282,13 @@ def test_a_process_whose_gpu_is_hidden_stops_with_the_others():
                                          "process 1: cpu): make a GPU visible to every process")
 
 
+def test_what_every_process_prints_alike_rank_0_says_alone(capsys):
+    for rank, said in ((0, "skipped 2 malformed rows\n"), (1, "")):
+        env = processes.Processes(rank=rank)
+        assert processes.together(env, lambda: print("skipped 2 malformed rows") or 7) == 7
+        assert capsys.readouterr().out == said
+
+
 def test_processes_must_hold_the_same_weights_flags_and_data():
     import torch.multiprocessing as mp
     with socket.socket() as s:

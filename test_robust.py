@@ -186,8 +186,11 @@ def test_a_damaged_manifest_cannot_delete_other_files(tiny_bert_dir, glue_dir, t
     train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2"))
     precious.write_text("mine")
     manifest = json.loads((run / "run.json").read_text())
-    for name in ("../precious.txt", str(precious), "notes.txt"):
-        (run / "run.json").write_text(json.dumps(dict(manifest, files=manifest["files"] + [name])))
+    damaged = [dict(manifest, files=manifest["files"] + [name]) for name in ("../precious.txt", str(precious),
+                                                                            "notes.txt", ["x"], 1)]
+    damaged += [{k: v for k, v in manifest.items() if k != "state"}, dict(manifest, state="gone"), [manifest]]
+    for bad in damaged:
+        (run / "run.json").write_text(json.dumps(bad))
         with pytest.raises(SystemExit, match="is not train.py's record of the folder"):
             train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=2", "--overwrite"))
     assert precious.read_text() == "mine" and (run / "result.json").exists()
@@ -199,6 +202,11 @@ def test_a_folder_inside_another_run_is_refused(tiny_bert_dir, glue_dir, tmp_pat
     with pytest.raises(SystemExit, match="inside the folder of another run"):
         train.main(sst2(tiny_bert_dir, run / "sub", glue_dir, "--max_steps=0", f"--adapter={run}"))
     assert not (run / "sub").exists()
+    experiment = tmp_path / "experiment"  # another tool's run.json (Sacred writes one) is no run of train.py's
+    experiment.mkdir()
+    (experiment / "run.json").write_text(json.dumps({"experiment": "mine", "status": "RUNNING"}))
+    train.main(sst2(tiny_bert_dir, experiment / "run", glue_dir, "--max_steps=0", f"--adapter={run}"))
+    assert (experiment / "run" / "result.json").exists()
 
 
 def test_a_relative_adapter_path_is_recorded_whole(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
@@ -503,6 +511,10 @@ def test_adapters_with_bad_tensors_or_metadata_are_refused(tiny_bert_dir, glue_d
     save_file(tensors, tmp_path / "nometa.safetensors")
     refused(sst2(tiny_bert_dir, tmp_path / "e4", glue_dir, "--max_steps=0",
                  f"--adapter={tmp_path / 'nometa.safetensors'}"), "does not say how it was trained", capsys)
+    for odd in ("[1]", "[" * 100_000 + "]" * 100_000):  # not an object; nested past Python's recursion limit
+        save_file(tensors, tmp_path / "odd.safetensors", metadata=dict(meta, train_flags=odd))
+        refused(sst2(tiny_bert_dir, tmp_path / "e6", glue_dir, "--max_steps=0",
+                     f"--adapter={tmp_path / 'odd.safetensors'}"), "does not say how it was trained", capsys)
     save_file(tensors, tmp_path / "badjson.safetensors", metadata=dict(meta, goat_config="{not json"))
     with pytest.raises(SystemExit, match="goat_config"):
         train.main(sst2(tiny_bert_dir, tmp_path / "e5", glue_dir, "--max_steps=0",
