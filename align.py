@@ -257,7 +257,8 @@ def series(records, key, label):
 
 
 def moving_mean(points, window):
-    """{step: mean of the values at this step and the window - 1 before it}."""
+    """{step: mean of the values at this step and the window - 1 before it} (fewer at the
+    start); a trailing mean, so a change shows about window / 2 steps late."""
     steps, values = list(points), list(points.values())
     return {steps[i]: statistics.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(steps))}
 

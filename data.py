@@ -315,10 +315,11 @@ def _answer_text(value, where):
                      f"({json.dumps(value)[:60]}); give it as a string (\"true\", \"option1\", \"B\", \"42\")")
 
 
-def read_instruct_json(path):
+def read_instruct_json(path, scored=False):
     """Examples of an instruction set: a JSON list of {instruction, input, output, answer};
     instruction and output strings, input a string or null (or absent), answer a string,
-    boolean or number. Errors name the file, the item and the field."""
+    boolean or number (in a set that is scored, one the scorer can read). Errors name the
+    file, the item and the field."""
     path = Path(path)
     text = read_text(path, "instruction sets live at <data_dir>/<set>/train.json and test.json")
     try:
@@ -348,9 +349,10 @@ def read_instruct_json(path):
             raise ValueError(f"{path}: item {i} has a null or empty {empty}; instruction and answer need text, "
                              f"output a string")
         label = row["answer"].strip()
-        if not answer_correct(label, label):  # else no generated text could ever score
+        if scored and not answer_correct(label, label):  # else no generated text could ever score
             raise ValueError(f"{path}: item {i}: answer {label!r} is in none of the forms the scorer reads: true or "
-                             f"false, option1 / solution1 / answer1 / ending1, a letter A-E, or a number")
+                             f"false, option1 / solution1 / answer1 / ending1, a letter A-E, or a number with a "
+                             f"digit before any decimal point")
         examples.append({"prompt": format_prompt(row), "response": row["output"].strip(), "label": label})
     return examples
 
@@ -358,7 +360,7 @@ def read_instruct_json(path):
 def load_instruct(data_dir, train_sets, eval_sets):
     data_dir = Path(data_dir)
     train = [ex for s in train_sets for ex in read_instruct_json(data_dir / s / "train.json")]
-    evals = {s: read_instruct_json(data_dir / s / "test.json") for s in eval_sets}
+    evals = {s: read_instruct_json(data_dir / s / "test.json", scored=True) for s in eval_sets}
     return Task("instruct", "generation", train, evals, "accuracy")
 
 

@@ -283,6 +283,6 @@ def train_flags_in(metadata, path):
     except (KeyError, ValueError, RecursionError):
         train_flags = None
     if not isinstance(train_flags, dict):
-        raise ValueError(f"--adapter: {path} does not say how it was trained (no train_flags in its metadata): "
-                         f"it was not written by train.py")
+        raise ValueError(f"--adapter: {path} does not say how it was trained (its metadata holds no train_flags "
+                         f"object): it was not written by train.py")
     return train_flags

@@ -966,7 +966,7 @@ def _read_adapter_config(state):
         raise ValueError(f"not a GOAT adapter: no {CONFIG_KEY!r} entry (write it with goat_state_dict)")
     try:
         layers = json.loads(state[CONFIG_KEY])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise ValueError(f"the adapter's {CONFIG_KEY!r} is not JSON ({e}): the file is damaged or was not "
                          "written by goat_state_dict") from None
     layers = layers.get("layers") if isinstance(layers, dict) else None

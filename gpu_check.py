@@ -482,11 +482,15 @@ def main(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where gpu_check.json and gpu_check.md go")
     args = p.parse_args(argv)
     if args.device.startswith("cuda:"):  # that GPU alone, here (before CUDA starts) and in every child process
-        visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(64)))).split(",")
-        index = int(args.device.split(":")[1])
-        if index >= len(visible):
-            p.error(f"--device={args.device}: CUDA_VISIBLE_DEVICES shows GPUs {','.join(visible)} only")
-        os.environ["CUDA_VISIBLE_DEVICES"], args.device = visible[index], "cuda"
+        index, visible = args.device.split(":", 1)[1], os.environ.get("CUDA_VISIBLE_DEVICES")
+        if not index.isdigit():
+            p.error(f"--device={args.device}: give cuda:<index>, such as cuda:1")
+        if visible is not None:  # the index counts the GPUs shown already
+            shown = [x for x in visible.split(",") if x.strip()]
+            if int(index) >= len(shown):
+                p.error(f"--device={args.device}: CUDA_VISIBLE_DEVICES={visible!r} shows {len(shown)} GPU(s)")
+            index = shown[int(index)]
+        os.environ["CUDA_VISIBLE_DEVICES"], args.device = index, "cuda"
     parts = [x for x in args.parts.split(",") if x]
     if [x for x in parts if x not in PARTS]:
         p.error(f"--parts: choose from {', '.join(PARTS)}")

@@ -82,19 +82,29 @@ def start(args):
         torch.cuda.set_device(index)  # an index: "cuda" alone is refused by set_device
     env.device = device
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-        # made by every process, on a GPU or not: one whose GPU is hidden (CUDA_VISIBLE_DEVICES,
-        # a node without its driver) under --device=auto then still meets the others here and
-        # stops with them at the check below, instead of leaving them waiting for it
-        env.control = dist.new_group(backend="gloo")
+        # the processes compare their kinds of device through the rendezvous store before any
+        # backend starts: one whose GPU is hidden (CUDA_VISIBLE_DEVICES, a node without its
+        # driver) would start gloo where the others start NCCL, and each would wait for the other
+        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world))
+        store.set(f"device kind {env.rank}", kind)
+        kinds = [store.get(f"device kind {rank}").decode() for rank in range(env.world)]
+        store.set(f"device kinds read {env.rank}", "")
+        if len(set(kinds)) > 1:
+            if env.rank == 0:  # the store's host under a plain launcher: it stays until every process has read
+                store.wait([f"device kinds read {rank}" for rank in range(env.world)])
+            raise SystemExit(f"the processes run on different kinds of device ("
+                             + "; ".join(f"process {rank}: {k}" for rank, k in enumerate(kinds))
+                             + "): make a GPU visible to every process (CUDA_VISIBLE_DEVICES, drivers), "
+                               "or run all of them with --device=cpu")
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", store=dist.PrefixStore("default_pg", store),
+                                rank=env.rank, world_size=env.world)  # the prefix init_process_group gives its own
+        env.control = dist.new_group(backend="gloo") if kind == "cuda" else dist.group.WORLD
     # first, before any check that could stop one process alone: every process runs the same flags and torch
     named = {k: flags.model_name(k, v) for k, v in vars(args).items()}  # each node may keep the files elsewhere
     same_everywhere(env, json.loads(json.dumps(named, default=str)), "run with different flags",
                     "give every node the same command, and the same --adapter file",
                     lambda ours, theirs: "; ".join(flags.differences(ours, theirs, sorted(ours))))
     same_everywhere(env, torch.__version__, "run different torch versions", "install the same torch on every node")
-    same_everywhere(env, kind, "run on different kinds of device", "make a GPU visible to every process "
-                    "(CUDA_VISIBLE_DEVICES, drivers), or run all of them with --device=cpu")
     if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
         args.dtype = "bfloat16" if kind == "cuda" else "float32"
     if args.fsdp and args.dtype == "float16":
@@ -180,14 +190,21 @@ def any_rank(env, flag):
 def together(env, work):
     """work() on every process; if it fails on any, every process stops, so none is left
     waiting in a collective for one that is gone (until the NCCL timeout). What the work
-    prints (a data warning), rank 0 says alone: eight copies of it say nothing more."""
-    error, result = None, None
+    prints (a data warning), rank 0 says once, and another process's text only where it
+    differs (a node whose copy of the data is not the same)."""
+    error, result, printed = None, None, io.StringIO()
     try:
-        with contextlib.nullcontext() if env.master else contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(printed):
             result = work()
     except (SystemExit, Exception) as e:  # a missing file on one node, an SVD out of memory on one GPU
         error = e
-    if any_rank(env, error is not None):
+    everyone = gather(env, (printed.getvalue(), error is not None))
+    if env.master:
+        print(everyone[0][0], end="", flush=True)
+        for rank, (text, _) in enumerate(everyone[1:], start=1):
+            if text != everyone[0][0]:
+                print(f"process {rank}: {text}", end="", flush=True)
+    if any(failed for _, failed in everyone):
         raise error or SystemExit(f"process {env.rank} stops: another process failed (see its message)")
     return result
 

@@ -284,8 +284,8 @@ def model_label(args):
 def start_records(folder, args, env, resumed_at, record):
     """Rank 0, once every input is known to be valid: --overwrite clears the old run only
     now (a mistyped flag destroys nothing), and only the files its manifest lists; then
-    config.json (`record`) and, for training, metrics.jsonl. Returns whether the resumed
-    step's evaluation is in metrics.jsonl (a stop signal at that step left it undone)."""
+    config.json (`record`) and, for training, metrics.jsonl. Returns whether metrics.jsonl
+    holds an evaluation at the resumed step (False: none, or a stop signal skipped it)."""
     if args.overwrite and (folder / MANIFEST).exists():
         for name in read_manifest(folder.path)["files"]:
             (folder / name).unlink(missing_ok=True)

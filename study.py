@@ -544,7 +544,7 @@ def split_agreement(records):
             for b in done[i + 1:]:
                 val_gap = statistics.mean(val[a].values()) - statistics.mean(val[b].values())
                 dev_gap = statistics.mean(dev[a].values()) - statistics.mean(dev[b].values())
-                if val_gap * dev_gap > 0 or val_gap == dev_gap == 0:
+                if val_gap * dev_gap >= 0:  # a tie on either is no reversal
                     alike += 1
                     continue
                 mean, half = t_interval([dev[a][s] - dev[b][s] for s in REPORT_SEEDS])

@@ -72,13 +72,15 @@ def test_a_field_of_the_wrong_json_type_is_refused_with_its_name(tmp_path, field
         data.read_instruct_json(path)
 
 
-@pytest.mark.parametrize("answer", ["True", "yes", "(a)", "Paris", "option one"])
-def test_an_answer_the_scorer_cannot_read_is_refused(tmp_path, answer):
-    """Every generated text would score 0 against it, as if the model had learned nothing."""
+@pytest.mark.parametrize("answer", ["True", "yes", "(a)", "Paris", "option one", ".5"])
+def test_an_answer_the_scorer_cannot_read_is_refused_where_it_is_scored(tmp_path, answer):
+    """Every generated text would score 0 against it, as if the model had learned nothing;
+    a training set's answers are never scored, and read as they are."""
     assert not data.answer_correct(f"the answer is {answer}", answer)
     path = write_instruct(tmp_path / "t.json", [item(), item(answer=answer)])
     with pytest.raises(ValueError, match=re.escape(f"{path}: item 1: answer {answer!r} is in none of the forms")):
-        data.read_instruct_json(path)
+        data.read_instruct_json(path, scored=True)
+    assert data.read_instruct_json(path)[1]["label"] == answer
 
 
 def test_json_nested_past_the_recursion_limit_is_refused_with_its_file(tmp_path):

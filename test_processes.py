@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from functools import partial
 
 import numpy as np
@@ -45,6 +44,15 @@ def fake_cuda(monkeypatch, count=2):
     return chosen
 
 
+class DictStore(dict):
+    """The rendezvous store's set and get, in memory (bytes out, as a TCPStore gives)."""
+    def set(self, key, value):
+        self[key] = value.encode()
+
+    def get(self, key):
+        return self[key]
+
+
 @pytest.mark.parametrize("device,local_rank,expected", [("auto", None, "cuda:0"), ("cuda", None, "cuda:0"),
                                                         ("cuda:1", None, "cuda:1"), ("auto", "3", "cuda:1")])
 def test_processes_start_on_a_gpu_with_an_indexed_device(device, local_rank, expected, monkeypatch):
@@ -58,7 +66,10 @@ def test_processes_start_on_a_gpu_with_an_indexed_device(device, local_rank, exp
         monkeypatch.setenv("RANK", local_rank)
         monkeypatch.setenv("WORLD_SIZE", "4")
         monkeypatch.setenv("LOCAL_RANK", local_rank)
-        monkeypatch.setattr(processes.dist, "init_process_group", lambda backend: groups.append(backend))
+        store = DictStore({f"device kind {rank}": b"cuda" for rank in range(4)})  # the others' GPUs
+        monkeypatch.setattr(processes.dist, "rendezvous", lambda *a: iter([(store, 3, 4)]))
+        monkeypatch.setattr(processes.dist, "PrefixStore", lambda prefix, store: store)
+        monkeypatch.setattr(processes.dist, "init_process_group", lambda backend, **kw: groups.append(backend))
         monkeypatch.setattr(processes.dist, "new_group", lambda backend: groups.append(backend) or "control")
         monkeypatch.setattr(processes, "same_everywhere", lambda *a, **k: None)  # no group to compare flags over
     env = processes.start(flags.parse_args([f"--device={device}"]))
@@ -232,15 +243,16 @@ def _two_processes(rank, world, port, results):
 
 def _start(rank, world, port, results, argv, gpu_ranks=()):
     """processes.start as torchrun runs it, each process with its own command line; the
-    processes in gpu_ranks see a GPU (faked: NCCL, absent from a CPU build, becomes gloo)."""
+    processes in gpu_ranks see a GPU (faked), and fail at once if they start a backend:
+    NCCL (absent from a CPU build) never meets gloo, so a real one would wait there."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     if rank in gpu_ranks:
         torch.cuda.is_available, torch.cuda.device_count, torch.cuda.set_device = lambda: True, lambda: 1, print
-        init, new_group = processes.dist.init_process_group, processes.dist.new_group
-        processes.dist.init_process_group = lambda backend: init("gloo")
-        # a short wait: a process left waiting for a group its peers never make fails in seconds
-        processes.dist.new_group = lambda backend: new_group(backend=backend, timeout=timedelta(seconds=20))
+
+        def nccl(*args, **kwargs):  # not SystemExit: the process dies, and mp.spawn stops the others
+            raise RuntimeError("NCCL started on a process whose peers start gloo")
+        processes.dist.init_process_group = nccl
     try:
         processes.start(flags.parse_args(argv[rank]))
         results[rank] = "started"
@@ -268,9 +280,9 @@ def test_processes_started_with_other_flags_all_stop_before_any_check_of_their_o
 
 
 def test_a_process_whose_gpu_is_hidden_stops_with_the_others():
-    """Under --device=auto, process 0 sees a GPU and process 1 none: process 0 makes its
-    gloo group for control messages, so process 1 must make it too (it waited there
-    before), and then both stop, naming the difference."""
+    """Under --device=auto, process 0 sees a GPU and process 1 none: they compare their
+    kinds of device through the rendezvous store before either starts a backend (NCCL
+    and gloo would each wait for the other), and both stop, naming the difference."""
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -282,11 +294,15 @@ def test_a_process_whose_gpu_is_hidden_stops_with_the_others():
                                          "process 1: cpu): make a GPU visible to every process")
 
 
-def test_what_every_process_prints_alike_rank_0_says_alone(capsys):
+def test_what_every_process_prints_alike_rank_0_says_once(capsys, monkeypatch):
     for rank, said in ((0, "skipped 2 malformed rows\n"), (1, "")):
         env = processes.Processes(rank=rank)
         assert processes.together(env, lambda: print("skipped 2 malformed rows") or 7) == 7
         assert capsys.readouterr().out == said
+    others = [("skipped 2 malformed rows\n", False)] * 2 + [("skipped 5 malformed rows\n", False)]
+    monkeypatch.setattr(processes, "gather", lambda env, mine: [mine] + others)  # as 4 processes, one unlike the rest
+    processes.together(processes.Processes(), lambda: print("skipped 2 malformed rows"))
+    assert capsys.readouterr().out == "skipped 2 malformed rows\nprocess 3: skipped 5 malformed rows\n"
 
 
 def test_processes_must_hold_the_same_weights_flags_and_data():

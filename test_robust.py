@@ -443,6 +443,18 @@ def test_a_stop_signal_is_checkpointed_before_any_evaluation(tiny_bert_dir, glue
     assert [row["step"] for row in rows if "eval" in row] == list(range(1, 10))  # step 3 too, and no step twice
 
 
+def test_a_resumed_run_evaluates_no_step_twice(tiny_bert_dir, glue_dir, tmp_path):
+    """Killed after a checkpoint whose step was evaluated (the evaluation comes first):
+    the resumed run goes on from there without evaluating that step again."""
+    run, flags_ = tmp_path / "run", ("--ckpt_every=2", "--eval_every=2")
+    killed_after_checkpoint(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", *flags_), run)
+    step = torch.load(run / "ckpt.pt", weights_only=True)["step"]
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", *flags_, "--resume", "--allow_resume_changes",
+                    f"--max_steps={step + 4}"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "eval" in row] == list(range(2, step + 4, 2))
+
+
 def test_resume_runs_no_svd(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
     """The checkpoint holds the initial factors: resuming rebuilds W_res from them."""
     run = tmp_path / "run"

@@ -101,8 +101,17 @@ def run(args, env, folder):
               {"params": [p for p in params if id(p) in head], "peak_lr": args.head_lr or args.lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=0.0)
     start_step = run_folder.restore(folder, resume, raw_model, optimizer, scaler, env, full) if resume else 0
-    evaluated_at_start = processes.from_rank0(env, lambda: run_folder.start_records(
+    resumed_step_evaluated = processes.from_rank0(env, lambda: run_folder.start_records(
         folder, args, env, start_step if resume else None, record))
+
+    def evaluate_and_log(done):  # an --eval_every evaluation
+        evals = evaluate(raw_model, task, tokenizer, args, env, autocast)[0]
+        print0(env, f"step {done}: eval {json.dumps(evals)}")
+        if env.master:
+            folder.append_metrics({"step": done, "eval": evals})
+    evaluation_due = lambda done: args.eval_every and done % args.eval_every == 0 and 0 < done < max_steps
+    if evaluation_due(start_step) and not resumed_step_evaluated:  # a stop signal at that step left it for now
+        evaluate_and_log(start_step)
 
     # the loop
     model.train()
@@ -112,15 +121,6 @@ def run(args, env, folder):
     routed_layers = sum(isinstance(m, goat.Routed) and m.experts > 1 for m in raw_model.modules())
     t_log, t_loop = time.time(), time.time()
     tokens, skipped = 0, []
-
-    def evaluate_and_log(done):  # an --eval_every evaluation
-        evals = evaluate(raw_model, task, tokenizer, args, env, autocast)[0]
-        print0(env, f"step {done}: eval {json.dumps(evals)}")
-        if env.master:
-            folder.append_metrics({"step": done, "eval": evals})
-    evaluation_due = lambda done: args.eval_every and done % args.eval_every == 0 and 0 < done < max_steps
-    if evaluation_due(start_step) and not evaluated_at_start:  # a stop signal at that step left it for now
-        evaluate_and_log(start_step)
     try:
         for step in range(start_step, max_steps):
             for group in optimizer.param_groups:
