@@ -285,4 +285,8 @@ def train_flags_in(metadata, path):
     if not isinstance(train_flags, dict):
         raise ValueError(f"--adapter: {path} does not say how it was trained (its metadata holds no train_flags "
                          f"object): it was not written by train.py")
+    steps = train_flags.get("steps", 0)
+    if type(steps) is not int or steps < 0:  # the other flags meet GOATConfig's checks
+        raise ValueError(f"--adapter: {path} says it trained {json.dumps(steps)} steps, not a count: it is damaged "
+                         f"or was not written by train.py")
     return train_flags

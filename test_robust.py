@@ -523,10 +523,12 @@ def test_adapters_with_bad_tensors_or_metadata_are_refused(tiny_bert_dir, glue_d
     save_file(tensors, tmp_path / "nometa.safetensors")
     refused(sst2(tiny_bert_dir, tmp_path / "e4", glue_dir, "--max_steps=0",
                  f"--adapter={tmp_path / 'nometa.safetensors'}"), "does not say how it was trained", capsys)
-    for odd in ("[1]", "[" * 100_000 + "]" * 100_000):  # not an object; nested past Python's recursion limit
+    for odd, named in (("[1]", "does not say how it was trained"),  # not an object
+                       ("[" * 100_000 + "]" * 100_000, "does not say how it was trained"),  # past the recursion limit
+                       (json.dumps(dict(json.loads(meta["train_flags"]), steps="12")), 'says it trained "12" steps')):
         save_file(tensors, tmp_path / "odd.safetensors", metadata=dict(meta, train_flags=odd))
         refused(sst2(tiny_bert_dir, tmp_path / "e6", glue_dir, "--max_steps=0",
-                     f"--adapter={tmp_path / 'odd.safetensors'}"), "does not say how it was trained", capsys)
+                     f"--adapter={tmp_path / 'odd.safetensors'}"), named, capsys)
     save_file(tensors, tmp_path / "badjson.safetensors", metadata=dict(meta, goat_config="{not json"))
     with pytest.raises(SystemExit, match="goat_config"):
         train.main(sst2(tiny_bert_dir, tmp_path / "e5", glue_dir, "--max_steps=0",
