@@ -296,6 +296,26 @@ def report(folder):
                  "start (dW~_i, dW_i), whose norm ratio and cosine follow; the best cosine any change of "
                  f"rank d = {RANK // EXPERTS} (a MoLoRA expert's) or 2d (a GOAT expert's, B0 != 0) can have with dW_i is the share "
                  "of dW_i's norm in its top singular values. Records: results/align/, commits " + ", ".join(sorted({r['commit'] for r in records})) + ".")
+    return "\n".join(lines) + "\n\n" + per_seed_table(records)
+
+
+def per_seed_table(records, steps=(10, 50, 300), late=100):
+    """Each run's update norm ratio as it grows, its final cosine, and its loss gap over
+    the whole run and over the last `late` steps: the per-seed numbers docs/study.md quotes."""
+    lines = ["| optimizer | seed | variant | " + " | ".join(f"norm ratio, step {s}" for s in steps)
+             + f" | cosine, end | loss gap (all steps) | loss gap (last {late} steps) |",
+             "|---|---|---|" + "---|" * (len(steps) + 3)]
+    for r in sorted(records, key=lambda r: (list(SETTINGS).index(r["optimizer"]), r["seed"])):
+        last = max(row["step"] for row in r["rows"])
+        for label in VARIANTS:
+            ratio, cosine, loss = (series([r], k, label) for k in ("update_ratio", "update_cosine", "loss_gap"))
+            if not ratio or not loss:
+                continue
+            at = lambda points, step: f"{points[step]:.2f}" if step in points else "-"
+            late_gap = [v for step, v in loss.items() if step > last - late]
+            lines.append(f"| {r['optimizer']} | {r['seed']} | {label} | " + " | ".join(at(ratio, s) for s in steps)
+                         + f" | {at(cosine, last)} | {statistics.mean(loss.values()):+.3f} | "
+                         f"{statistics.mean(late_gap):+.3f} |")
     return "\n".join(lines)
 
 

@@ -82,20 +82,7 @@ def start(args):
         torch.cuda.set_device(index)  # an index: "cuda" alone is refused by set_device
     env.device = device
     if "RANK" in os.environ:
-        # the processes compare their kinds of device through the rendezvous store before any
-        # backend starts: one whose GPU is hidden (CUDA_VISIBLE_DEVICES, a node without its
-        # driver) would start gloo where the others start NCCL, and each would wait for the other
-        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world))
-        store.set(f"device kind {env.rank}", kind)
-        kinds = [store.get(f"device kind {rank}").decode() for rank in range(env.world)]
-        store.set(f"device kinds read {env.rank}", "")
-        if len(set(kinds)) > 1:
-            if env.rank == 0:  # the store's host under a plain launcher: it stays until every process has read
-                store.wait([f"device kinds read {rank}" for rank in range(env.world)])
-            raise SystemExit(f"the processes run on different kinds of device ("
-                             + "; ".join(f"process {rank}: {k}" for rank, k in enumerate(kinds))
-                             + "): make a GPU visible to every process (CUDA_VISIBLE_DEVICES, drivers), "
-                               "or run all of them with --device=cpu")
+        store = meet_on_one_kind_of_device(env, kind)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", store=dist.PrefixStore("default_pg", store),
                                 rank=env.rank, world_size=env.world)  # the prefix init_process_group gives its own
         env.control = dist.new_group(backend="gloo") if kind == "cuda" else dist.group.WORLD
@@ -117,6 +104,24 @@ def start(args):
         print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
         env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
     return env
+
+
+def meet_on_one_kind_of_device(env, kind):
+    """The rendezvous store, once every process has said it runs on `kind` too. Compared
+    before any backend starts: a process whose GPU is hidden (CUDA_VISIBLE_DEVICES, a node
+    without its driver) would start gloo where the others start NCCL, each waiting for the other."""
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world))  # what init_process_group would use
+    store.set(f"device kind {env.rank}", kind)
+    kinds = [store.get(f"device kind {rank}").decode() for rank in range(env.world)]
+    store.set(f"device kinds read {env.rank}", "")
+    if len(set(kinds)) > 1:
+        if env.rank == 0:  # the store's host under a plain launcher: it stays until every process has read
+            store.wait([f"device kinds read {rank}" for rank in range(env.world)])
+        raise SystemExit("the processes run on different kinds of device ("
+                         + "; ".join(f"process {rank}: {k}" for rank, k in enumerate(kinds))
+                         + "): make a GPU visible to every process (CUDA_VISIBLE_DEVICES, drivers), "
+                           "or run all of them with --device=cpu")
+    return store
 
 
 def loader_workers(args, task, env):
