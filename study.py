@@ -32,17 +32,24 @@ found in them: docs/study-round1.md):
 - Report (seeds 1-5, never seed 0, all runs from one train.py commit): per task, mean
   and standard deviation, and paired differences with 95% Student t intervals over the
   5 seeds; across tasks, each method's mean rank (the task is the unit: accuracy and
-  MCC are never averaged). The smallest difference this design detects (80% power,
-  two-sided 95%, 5 paired seeds, 1.66 paired standard deviations; round one's median
-  paired sd was 2.6, 0.6 and 1.5 points): about 4.4 points on docstrings, 1.0 on SST-2,
-  2.4 MCC points on CoLA. A smaller difference is "not detected", not "equal". The
-  report also says whether each task's validation split orders the methods as its dev
-  set does (added with the first method runs, before any seed 1-5 run).
+  MCC are never averaged; tied means share their rank). The smallest difference this
+  design detects (80% power, two-sided 95%, 5 paired seeds: 1.68 paired standard
+  deviations, from the noncentral t; round one's median paired sd was 2.6, 0.6 and 1.5
+  points): about 4.4 points on docstrings, 1.0 on SST-2, 2.5 MCC points on CoLA (first
+  written as 1.66 and 2.4, an arithmetic slip mended before any seed 1-5 run). A
+  smaller difference is "not detected", not "equal". The report also says whether
+  each task's validation split orders the methods as its dev set does (added with the
+  first method runs, before any seed 1-5 run). A reported run that diverges counts as
+  the majority class's metric, so no mean is taken over a method's good seeds alone.
 - train.py's defaults, decided on seeds 1-5 by this rule: each method's default is its
-  chosen setting unless one of its 15 reported runs collapses (dev metric within 1
-  point of the majority class); GOAT's default scaling is the Adam scale if its paired
-  intervals against the paper's scale lie above 0 on at least one task and below 0 on
-  none, else the paper's; --head_lr's default is the shared head rate.
+  chosen setting unless one of its 15 reported runs collapses (diverges, or its dev
+  metric is at most 1 point above the majority class's); then the next gentler rung
+  runs on seeds 1-5 and is judged alike, at most two rungs down (no default if all
+  collapse); GOAT's default scaling is the Adam scale if its paired intervals against
+  the paper's scale, each at its chosen rate, lie above 0 on at least one task and
+  below 0 on none, else the paper's, at that row's default rate; --head_lr's default
+  is the shared head rate. (What a collapse leads to, and a diverged run's score, were
+  added before any seed 1-5 run, after a review found the rule silent on both.)
 - After the headline: ablations of GOAT's parts (seeds 1-3, every task) under the Adam
   scale, which gives every init and segment the same effective step by construction
   (each expert's equivalent weight moves by eta x lr per step), at the Adam row's
@@ -56,7 +63,9 @@ the thread count), from a copy of the repository at the commit pinned in
 results/study/code.json, so that the repository may change while the study runs.
 Its small record (metrics, flags, loss curve, expert load, seconds, commit) goes to
 results/study/runs/ and is never rewritten; the plan is computed from those files,
-so the study continues on any machine where it stopped. The report
+so the study continues on any machine where it stopped. A record of another commit, or
+whose command line the design no longer gives its run, is set aside (named in the
+report's status, in no table) and its run made again. The report
 (results/study.md and results/study_*.png) is computed from them alone.
 """
 import argparse
@@ -143,6 +152,39 @@ class Run:
                 f"--lr={self.lr:g}", f"--head_lr={self.head_lr:g}", f"--out_dir={out_dir}", *COMMON, *self.flags]
         return argv + ([f"--max_train_examples={train_n}"] if train_n else [])
 
+    def recorded_argv(self, argv=None):
+        """What a record keeps of the command line: all but the run's own folders."""
+        argv = self.argv("", "") if argv is None else argv
+        return [a for a in argv if not a.startswith(("--out_dir", "--data_dir"))]
+
+
+def design_run(record):
+    """The run the current design makes of a record's part and label (None: not in the design)."""
+    if record["label"] == "head only":
+        flags = HEAD_ONLY
+    elif record["part"] in ("tune", "seeds", "fallback"):
+        flags = METHODS.get(record["label"], (None,))[0]
+    else:
+        flags = {"ablation": {**ABLATIONS, GOAT_S[0]: GOAT_S[1]}, "experts": EXPERT_COUNTS,
+                 "sweep": SWEEP}.get(record["part"], {}).get(record["label"])
+    if flags is None:
+        return None
+    return Run(record["part"], record["task"], record["label"], record["lr"], record["head_lr"], record["seed"],
+               tuple(flags))
+
+
+def current(results, commit):
+    """(the records made by the pinned commit with the command line the design gives
+    their run now, the others). A record of another commit or of a changed design is set
+    aside: never mixed into a table, run again by the plan."""
+    kept, aside = {}, {}
+    for key, record in results.items():
+        run = design_run(record)
+        argv = [a for a in record.get("argv", []) if not a.startswith("--model=")]
+        same = run is not None and run.id == key and argv == run.recorded_argv() and record.get("commit") == commit
+        (kept if same else aside)[key] = record
+    return kept, aside
+
 
 def val_score(record):
     """Validation metric of a run; a diverged run ranks below every finished one."""
@@ -226,8 +268,11 @@ def tune(part, label, flags, start, results, head_lr=None):
             return grid, None
         scores = {lr: {r.task: val_score(results[r.id]) for r in grid if r.lr == lr} for lr in points}
         majority = {r.task: results[r.id]["majority"]["val"] for r in grid if results[r.id].get("majority")}
-        if len(majority) < len(TASKS):  # every run diverged on some task: nothing to compare
-            return grid, None
+        if len(majority) < len(TASKS):  # every rate diverged on some task: try a gentler one
+            if rung(min(points)) == 0:
+                return grid, None
+            points.add(LADDER[rung(min(points)) - 1])
+            continue
         best = choose(scores, majority)
         if not set(around(best)) <= points:
             points |= set(around(best))
@@ -236,6 +281,48 @@ def tune(part, label, flags, start, results, head_lr=None):
         if missing is None:
             return grid, gentlest
         points.add(missing)  # the rung below the gentlest is run before the choice is made
+
+
+FALLBACK_RUNGS = 2  # a default is sought at most this many rungs (about 9x) below the chosen rate
+
+
+def majorities(results):
+    """{task: {split: the majority class's metric}}, from any finished run of the task."""
+    found = {}
+    for record in results.values():
+        if record.get("majority"):
+            found.setdefault(record["task"], record["majority"])
+    return found
+
+
+def collapsed(record, majority):
+    """A reported run that learned nothing a user could keep: diverged, or its dev metric
+    at most 1 point above the majority class's (below it included)."""
+    return record["status"] != "ok" or record["dev"] <= majority[record["task"]]["dev"] + 0.01
+
+
+def reported_runs(label, lr, chosen_lr, head):
+    """A headline row's runs on seeds 1-5 at lr ("seeds" at its chosen lr, "fallback" below it)."""
+    part = "seeds" if lr == chosen_lr else "fallback"
+    return [Run(part, task, label, lr, head, s, tuple(METHODS[label][0])) for s in REPORT_SEEDS for task in TASKS]
+
+
+def default_setting(label, chosen_lr, head, results):
+    """(the fallback runs this row's default needs, its default lr, whether it is decided).
+    The chosen setting is the default unless one of its reported runs collapses; then
+    the next gentler rung, run on seeds 1-5 and judged alike, down to FALLBACK_RUNGS
+    rungs below. Decided with lr None: every rate tried collapses somewhere."""
+    majority, fallback, lr = majorities(results), [], chosen_lr
+    while True:
+        rows = reported_runs(label, lr, chosen_lr, head)
+        fallback += rows if lr != chosen_lr else []
+        if any(r.id not in results for r in rows):
+            return fallback, None, False
+        if not any(collapsed(results[r.id], majority) for r in rows):
+            return fallback, lr, True
+        if rung(chosen_lr) - rung(lr) >= FALLBACK_RUNGS or rung(lr) == 0:
+            return fallback, None, True
+        lr = LADDER[rung(lr) - 1]
 
 
 def plan(results):
@@ -257,6 +344,8 @@ def plan(results):
               for label in METHODS if label in chosen for s in REPORT_SEEDS for task in TASKS]
     first = ["goat", "goat (Adam s)", "molora", "lora", "full"]  # the paired comparisons first
     runs += sorted(seeds, key=lambda r: (r.seed, first.index(r.label) if r.label in first else len(first)))
+    for label in [x for x in METHODS if x in chosen]:
+        runs += default_setting(label, chosen[label], head, results)[0]
     if "goat (Adam s)" in chosen:
         lr = chosen["goat (Adam s)"]
         runs += [Run("ablation", task, label, lr, head, s, tuple(flags))
@@ -274,19 +363,24 @@ def plan(results):
 # ---------------------------------------------------------------------------------
 # Running: a pinned copy of the code, one thread per run, a small record per run
 
+def pinned_commit(results_dir):
+    """The commit pinned in results/study/code.json (None before the first start)."""
+    pin = Path(results_dir) / "code.json"
+    return json.loads(pin.read_text())["commit"] if pin.exists() else None
+
+
 def pinned_code(results_dir, runs_dir):
     """The repository at the commit every run of the study uses (pinned at the first
     start, in results/study/code.json), unpacked once under runs_dir."""
-    pin = Path(results_dir) / "code.json"
-    if pin.exists():
-        commit = json.loads(pin.read_text())["commit"]
-    else:
+    commit = pinned_commit(results_dir)
+    if commit is None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "train.py", "goat.py", "data.py"], cwd=HERE,
                                capture_output=True, text=True).stdout.strip()
         if dirty:
             raise SystemExit(f"commit train.py, goat.py and data.py first: the study pins a commit\n{dirty}")
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                                 text=True, check=True).stdout.strip()
+        pin = Path(results_dir) / "code.json"
         pin.parent.mkdir(parents=True, exist_ok=True)
         pin.write_text(json.dumps({"commit": commit}) + "\n")
     code = Path(runs_dir) / f"code-{commit}"
@@ -302,14 +396,18 @@ def load_results(results_dir):
             for path in sorted((Path(results_dir) / "runs").glob("*.json"))}
 
 
+# how train.py says that a run's loss diverged (its Health check); any other failure is a bug
+DIVERGED_MESSAGES = ("stopped: the loss or gradient norm became NaN or infinite", "stopped: training diverged")
+
+
 def summarise(run, argv, out_dir, seconds, returncode, log_tail, commit):
     """The small, committed record of one run."""
     record = {"id": run.id, "part": run.part, "task": run.task, "label": run.label, "lr": run.lr,
               "head_lr": run.head_lr, "seed": run.seed, "seconds": round(seconds, 1), "threads": 1,
-              "commit": commit, "argv": [a for a in argv if not a.startswith(("--out_dir", "--data_dir"))]}
+              "commit": commit, "argv": run.recorded_argv(argv)}
     result_path = out_dir / "result.json"
     if returncode != 0 or not result_path.exists():
-        diverged = any(word in log_tail.lower() for word in ("non-finite", "nan", "diverged"))
+        diverged = any(message in log_tail for message in DIVERGED_MESSAGES)
         record.update(status="diverged" if diverged else "failed", log_tail=log_tail[-2000:])
         return record
     result = json.loads(result_path.read_text())
@@ -354,7 +452,7 @@ def run_study(args):
     failed, running = set(), {}
     with ThreadPoolExecutor(args.workers) as pool:
         while True:
-            results = load_results(args.results_dir)
+            results = current(load_results(args.results_dir), commit)[0]
             busy = {r.id for r in running.values()}
             due = [r for r in plan(results)[0] if r.id not in results and r.id not in failed and r.id not in busy]
             for run in due[:args.workers - len(running)]:
@@ -404,15 +502,26 @@ def fmt_interval(values):
 class Records:
     """The finished runs, looked up by what they are."""
 
-    def __init__(self, results):
-        self.results = results
+    def __init__(self, results, set_aside=()):
+        self.results, self.set_aside = results, set_aside
         self.runs, self.chosen = plan(results)
+        self.majorities = majorities(results)
 
     def dev(self, part, task, label, lr, seeds, flags=(), split="dev"):
-        """{seed: dev (or validation) metric} of the finished runs."""
+        """{seed: dev (or validation) metric} of the finished runs; a diverged run scores
+        the majority class's metric (what a model that learned nothing would), so that no
+        mean, interval or rank is taken over a method's good seeds alone."""
         head = self.chosen.get("head")
         found = {s: self.results.get(Run(part, task, label, lr, head, s, flags).id) for s in seeds}
-        return {s: r[split] for s, r in found.items() if r and r["status"] == "ok"}
+        return {s: r[split] if r["status"] == "ok" else self.majorities[task][split]
+                for s, r in found.items() if r}
+
+    def diverged(self, label):
+        """How many of a headline row's reported runs diverged."""
+        lr = self.chosen.get("head" if label == "head only" else label)
+        flags = HEAD_ONLY if label == "head only" else METHODS[label][0]
+        return sum(self.results.get(Run("seeds", t, label, lr, self.chosen.get("head"), s, tuple(flags)).id,
+                                    {}).get("status") == "diverged" for t in TASKS for s in REPORT_SEEDS)
 
     def headline_scores(self, label, split="dev"):
         """{task: {seed: dev (or validation) metric}} of a headline row at its chosen setting."""
@@ -422,8 +531,7 @@ class Records:
         return {task: self.dev("seeds", task, label, lr, REPORT_SEEDS, split=split) for task in TASKS}
 
     def majority(self, task, split="dev"):
-        record = next((r for r in self.results.values() if r["task"] == task and r.get("majority")), None)
-        return record["majority"][split] if record else None
+        return self.majorities[task][split] if task in self.majorities else None
 
 
 def status(records):
@@ -433,8 +541,16 @@ def status(records):
         parts[run.part] = parts.get(run.part, 0) + 1
     text = f"{len(records.results)} runs finished; the plan asks for {len(due)} more now"
     text += f" ({', '.join(f'{k} {v}' for k, v in parts.items())})" if parts else ""
-    return text + ". Later parts join the plan as the settings they need are chosen." if due else \
+    text = text + ". Later parts join the plan as the settings they need are chosen." if due else \
         f"{len(records.results)} runs finished: every part of the plan has run."
+    if "head" in records.chosen:
+        stuck = [x for x in METHODS if x not in records.chosen and not any(r.label == x for r in due)]
+        text += "".join(f" {x}: every rate down to {LADDER[0]:g} diverged on some task, nothing chosen." for x in stuck)
+    if records.set_aside:
+        text += (f" Set aside: {len(records.set_aside)} record(s) of another commit or of a changed design "
+                 f"(in no table; run again): {', '.join(sorted(records.set_aside)[:5])}"
+                 + (" ..." if len(records.set_aside) > 5 else "") + ".")
+    return text
 
 
 def tuning_table(records):
@@ -474,13 +590,15 @@ def headline_table(records):
         scores = records.headline_scores(label)
         lr = records.chosen["head"] if label == "head only" else records.chosen[label]
         seeds = min((len(v) for v in scores.values()), default=0)
+        diverged = records.diverged(label)
         lines.append(f"| {label} | {lr:g} | " + " | ".join(fmt_mean_std(list(scores.get(t, {}).values()))
-                                                            for t in TASKS) + f" | {seeds} |")
+                                                            for t in TASKS)
+                     + f" | {seeds}{f' ({diverged} diverged)' if diverged else ''} |")
     majority = [records.majority(t) for t in TASKS]
     lines.append("| majority class | | " + " | ".join("-" if m is None else f"{m * 100:.1f}" for m in majority)
                  + " | |")
     lines.append("\nDev metric x100, mean ± standard deviation over seeds 1-5 (seed 0 chose the settings and is "
-                 "not reported).")
+                 "not reported); a diverged run counts as the majority class.")
     return "\n".join(lines)
 
 
@@ -506,21 +624,20 @@ def mean_ranks(records):
     """Each method's rank on each task (1 = best mean dev over seeds 1-5), and its mean
     rank: the task is the unit, so accuracy and MCC are never averaged."""
     labels = [label for label in METHODS if label in records.chosen]
-    means = {label: {t: statistics.mean(v.values()) for t, v in records.headline_scores(label).items() if v}
-             for label in labels}
-    tasks = [t for t in TASKS if all(t in means[label] for label in labels)]
-    if not labels or not tasks:
+    scores = {label: records.headline_scores(label) for label in labels}
+    tasks = [t for t in TASKS if labels and all(len(scores[x].get(t, {})) == len(REPORT_SEEDS) for x in labels)]
+    if not tasks:
         return ""
-    ranks = {label: {} for label in labels}
-    for task in tasks:
-        for rank, label in enumerate(sorted(labels, key=lambda x: -means[x][task]), start=1):
-            ranks[label][task] = rank
+    means = {x: {t: statistics.mean(scores[x][t].values()) for t in tasks} for x in labels}
+    ranks = {x: {t: sum(means[y][t] > means[x][t] for y in labels)  # ties share their mean rank
+                 + (1 + sum(means[y][t] == means[x][t] for y in labels)) / 2 for t in tasks} for x in labels}
     lines = ["| method | " + " | ".join(TASK_NAMES[t] for t in tasks) + " | mean rank |",
              "|---|" + "---|" * (len(tasks) + 1)]
     for label in sorted(labels, key=lambda x: statistics.mean(ranks[x].values())):
-        lines.append(f"| {label} | " + " | ".join(str(ranks[label][t]) for t in tasks)
+        lines.append(f"| {label} | " + " | ".join(f"{ranks[label][t]:g}" for t in tasks)
                      + f" | {statistics.mean(ranks[label].values()):.2f} |")
-    return "\n".join(lines)
+    missing = [TASK_NAMES[t] for t in TASKS if t not in tasks]
+    return "\n".join(lines) + (f"\n\n{', '.join(missing)}: seeds still running." if missing else "")
 
 
 def split_agreement(records):
@@ -557,16 +674,21 @@ def split_agreement(records):
 
 def defaults(records):
     """The rule fixed before the runs, applied to seeds 1-5."""
-    lines = []
+    lines, head, found = [], records.chosen.get("head"), {}
     for label in [x for x in METHODS if x in records.chosen]:
-        scores = records.headline_scores(label)
-        if any(len(v) < len(REPORT_SEEDS) for v in scores.values()):
-            lines.append(f"- {label}: seeds still running")
-            continue
-        collapsed = [f"{t} seed {s}" for t, v in scores.items() for s, x in v.items()
-                     if x <= records.majority(t) + 0.01]
-        lines.append(f"- {label}: lr {records.chosen[label]:g}" + (
-            f" collapses ({', '.join(collapsed)}): not a default" if collapsed else ", no collapse: the default"))
+        chosen = records.chosen[label]
+        fallback, found[label], decided = default_setting(label, chosen, head, records.results)
+        tried = [chosen] + sorted({r.lr for r in fallback}, reverse=True)
+        notes = []
+        for lr in tried:
+            bad = [f"{r.task} seed {r.seed}" + (" diverged" if records.results[r.id]["status"] != "ok" else "")
+                   for r in reported_runs(label, lr, chosen, head)
+                   if r.id in records.results and collapsed(records.results[r.id], records.majorities)]
+            notes += [f"lr {lr:g} collapses ({', '.join(bad)})"] if bad else []
+        verdict = (f"lr {found[label]:g}, the default" if found[label] else
+                   f"no default: every rate down to {tried[-1]:g} collapses") if decided else \
+            f"seeds at lr {tried[-1]:g} still running"
+        lines.append(f"- {label}: " + "; ".join(notes + [verdict]))
     paper, adam = records.headline_scores("goat"), records.headline_scores("goat (Adam s)")
     if paper and adam and all(len(v) == len(REPORT_SEEDS) for v in (*paper.values(), *adam.values())):
         above = below = 0
@@ -574,9 +696,11 @@ def defaults(records):
             mean, half = t_interval([adam[task][s] - paper[task][s] for s in REPORT_SEEDS])
             above += mean - half > 0
             below += mean + half < 0
-        verdict = "the Adam scale" if above and not below else "the paper's scale"
-        lines.append(f"- GOAT's default scaling: {verdict} (Adam minus paper: intervals above 0 on {above} task(s), "
-                     f"below 0 on {below})")
+        row = "goat (Adam s)" if above and not below else "goat"
+        verdict = "the Adam scale" if row == "goat (Adam s)" else "the paper's scale"
+        lr = f"at lr {found[row]:g}" if found.get(row) else "with no default lr (above)"
+        lines.append(f"- GOAT's default scaling: {verdict} {lr} (Adam minus paper at their chosen rates: intervals "
+                     f"above 0 on {above} task(s), below 0 on {below})")
     if "head" in records.chosen:
         lines.append(f"- --head_lr: {records.chosen['head']:g}")
     return "\n".join(lines)
@@ -678,15 +802,14 @@ def main(argv=None):
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--next", action="store_true", help="list the runs due now and stop")
     args = p.parse_args(argv)
-    results = load_results(args.results_dir)
+    if not args.report_only and not args.next:
+        run_study(args)
+    results, set_aside = current(load_results(args.results_dir), pinned_commit(args.results_dir))
     if args.next:
         due = [r for r in plan(results)[0] if r.id not in results]
         print("\n".join(f"{r.part:8} {r.id}" for r in due) or "nothing due: the study is complete")
         return
-    if not args.report_only:
-        run_study(args)
-        results = load_results(args.results_dir)
-    records = Records(results)
+    records = Records(results, set_aside)
     text = report(records)
     out = Path(args.results_dir).parent
     (out / "study.md").write_text(text)

@@ -14,10 +14,14 @@ import study
 
 def fake_result(run, val, dev=None, status="ok", majority=0.3):
     """The record study.py writes for a run, with chosen numbers."""
-    return {"id": run.id, "part": run.part, "task": run.task, "label": run.label, "lr": run.lr,
-            "head_lr": run.head_lr, "seed": run.seed, "status": status, "val": val, "dev": val if dev is None else dev,
-            "seconds": 60.0, "metric": "accuracy", "majority": {"val": majority, "dev": majority}, "commit": "abc",
-            "loss_curve": [[5 * i, 1.0 - 0.01 * i] for i in range(1, 21)]}
+    record = {"id": run.id, "part": run.part, "task": run.task, "label": run.label, "lr": run.lr,
+              "head_lr": run.head_lr, "seed": run.seed, "status": status, "seconds": 60.0, "commit": "abc",
+              "argv": run.recorded_argv()}
+    if status == "ok":
+        record.update(val=val, dev=val if dev is None else dev, metric="accuracy",
+                      majority={"val": majority, "dev": majority},
+                      loss_curve=[[5 * i, 1.0 - 0.01 * i] for i in range(1, 21)])
+    return record
 
 
 def score(run, best=None):
@@ -92,6 +96,7 @@ def test_report_from_result_files_alone(tmp_path, monkeypatch):
         if record["label"] == "goat":
             record["dev"] += 0.02
     (tmp_path / "study" / "runs").mkdir(parents=True)
+    (tmp_path / "study" / "code.json").write_text('{"commit": "abc"}')
     for record in results.values():
         (tmp_path / "study" / "runs" / f"{record['id']}.json").write_text(json.dumps(record))
     study.main(["--report_only", f"--results_dir={tmp_path / 'study'}"])
@@ -121,6 +126,75 @@ def test_a_task_whose_validation_and_dev_order_methods_differently_is_named(monk
     assert rows["CoLA mcc"].startswith("| CoLA mcc | 1 of 3 | ") and \
         "lora vs goat: +1.0 / -2.0, beyond noise" in rows["CoLA mcc"], rows["CoLA mcc"]
     assert rows["SST-2 acc"] == "| SST-2 acc | 3 of 3 | - |"
+
+
+def test_a_diverged_reported_run_counts_and_sends_the_default_to_a_gentler_rate(monkeypatch):
+    """LoRA's chosen rate diverges on one CoLA seed: the run scores the majority class in
+    the headline (not a mean of the good seeds), the plan runs the next gentler rung on
+    seeds 1-5, and that rate becomes LoRA's default; GOAT, which never collapses, keeps its
+    chosen rate."""
+    monkeypatch.setattr(study, "METHODS", {k: study.METHODS[k] for k in ("lora", "goat")})
+    results = finish_study({})
+    runs, chosen = study.plan(results)
+    assert not [r for r in runs if r.part == "fallback"]
+    bad = study.Run("seeds", "cola", "lora", chosen["lora"], chosen["head"], 3, tuple(study.METHODS["lora"][0]))
+    results[bad.id] = fake_result(bad, None, status="diverged")
+    records = study.Records(results)
+    assert records.headline_scores("lora")["cola"][3] == 0.3  # the majority class, not left out
+    assert "| 5 (1 diverged) |" in study.headline_table(records)
+    fallback = [r for r in study.plan(results)[0] if r.part == "fallback"]
+    gentler = study.LADDER[study.rung(chosen["lora"]) - 1]
+    assert {r.lr for r in fallback} == {gentler} and len(fallback) == 15 and all(r.label == "lora" for r in fallback)
+    assert "- lora: lr 0.0003 collapses (cola seed 3 diverged); seeds at lr 0.0001 still running" in \
+        study.defaults(records)
+    results = finish_study(results)
+    text = study.defaults(study.Records(results))
+    assert f"- lora: lr 0.0003 collapses (cola seed 3 diverged); lr {gentler:g}, the default" in text, text
+    assert "- goat: lr 0.0003, the default" in text
+
+
+def test_tied_means_share_their_rank_and_every_task_waits_for_its_seeds(monkeypatch):
+    monkeypatch.setattr(study, "METHODS", {k: study.METHODS[k] for k in ("lora", "pissa", "goat")})
+    results = finish_study({}, lambda run: 0.5 if run.label in ("lora", "pissa") else score(run))
+    text = study.mean_ranks(study.Records(results))
+    assert "| goat | 1 | 1 | 1 | 1.00 |" in text and "| lora | 2.5 | 2.5 | 2.5 | 2.50 |" in text, text
+    del results[next(k for k, r in results.items() if r["part"] == "seeds" and r["task"] == "sst2" and r["label"] == "lora")]
+    text = study.mean_ranks(study.Records(results))
+    assert "SST-2" not in text.splitlines()[0] and "SST-2 acc: seeds still running" in text, text
+
+
+def test_a_task_on_which_every_rate_diverges_grows_the_grid_gentler(monkeypatch):
+    monkeypatch.setattr(study, "METHODS", {"lora": study.METHODS["lora"]})
+    results = {}
+    for _ in range(12):
+        for run in study.plan(results)[0]:
+            if run.id not in results:
+                diverges = run.label == "lora" and run.task == "cola" and run.lr >= 1e-4
+                results[run.id] = fake_result(run, None if diverges else score(run),
+                                              status="diverged" if diverges else "ok")
+    runs, chosen = study.plan(results)
+    assert chosen["lora"] < 1e-4  # grown below its starting grid to a rate that finishes everywhere
+    assert "every part of the plan has run" in study.status(study.Records(results))
+
+
+def test_records_of_another_commit_or_design_are_set_aside_and_run_again(monkeypatch):
+    monkeypatch.setattr(study, "METHODS", {"lora": study.METHODS["lora"]})
+    results = finish_study({})
+    run = next(study.design_run(r) for r in results.values() if r["part"] == "seeds" and r["label"] == "lora")
+    assert study.current(results, "abc") == (results, {})
+    assert study.current(results, "def")[0] == {}
+    changed = dict(results[run.id], argv=results[run.id]["argv"] + ["--rank=8"])
+    kept, aside = study.current({**results, run.id: changed}, "abc")
+    assert list(aside) == [run.id] and run.id not in kept and run in study.plan(kept)[0]
+    assert "Set aside: 1 record(s)" in study.status(study.Records(kept, aside))
+
+
+def test_only_train_py_s_divergence_messages_make_a_run_diverged(tmp_path):
+    run = study.Run("tune", "sst2", "lora", 1e-3, 0.3, 0)
+    for tail, status in [("Traceback ...\nValueError: financial data not found", "failed"),
+                         ("SystemExit: stopped: training diverged at step 40: the loss rose", "diverged"),
+                         ("stopped: the loss or gradient norm became NaN or infinite at step 3.", "diverged")]:
+        assert study.summarise(run, [], tmp_path, 1.0, 1, tail, "abc")["status"] == status, tail
 
 
 # torch features the code uses, with the release that introduced them. The minimum in
