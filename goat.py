@@ -25,7 +25,8 @@ One file, PyTorch only (2.2+). The method comes first, in this order:
   the model GOAT aligns with, an upcycled fully fine-tuned MoE (`UpcycledMoE`,
   `add_upcycled_moe`).
 
-The adapter cannot be merged into the base weight: routing depends on the input.
+A routed adapter (E > 1) cannot be merged into the base weight: routing depends on
+the input (the one-expert presets could be; goat.py does not).
 
 Below the banner is what makes the layer cheap and safe to drop into any model:
 mixed precision and torch.compile (under autocast, `_AutocastInput` keeps one
@@ -341,15 +342,13 @@ class GOATLinear(Routed):
     at rank 32). Nothing trains them: add_goat freezes all but lora_A, lora_B and
     lora_router, and an optimizer over the parameters that require grad skips them.
 
-    The adapter cannot be merged into the weight: the gate depends on the input.
+    With E > 1 the adapter cannot be merged into the weight: the gate depends on the input.
     """
 
     def __init__(self, base, cfg, name="layer", factors=None, svd_device=None):
         super().__init__()
-        _check_linear(base, name)
+        _check_fits(base, cfg, name)
         m, n = base.weight.shape
-        if (cfg.rank if cfg.init in SVD_INITS else cfg.expert_rank) > min(m, n):  # SVD experts share one spectrum
-            raise ValueError(f"{name}: rank {cfg.rank} exceeds min(out={m}, in={n}); lower the rank")
         self.cfg, self.name = cfg, name
         self.experts, self.top_k, self.expert_rank = cfg.experts, cfg.top_k, cfg.expert_rank
         self.fingerprint = weight_fingerprint(base.weight)
@@ -375,6 +374,9 @@ class GOATLinear(Routed):
             base.weight.copy_(base.weight.to(dtype) - self._initial_product())
         base.requires_grad_(False)
         self.base = base
+
+    in_features = property(lambda self: self.base.in_features)
+    out_features = property(lambda self: self.base.out_features)
 
     def forward(self, x):
         xs = x.reshape(-1, x.shape[-1])  # routing is per token, over all leading dimensions
@@ -470,7 +472,9 @@ def balance_loss(model):
     latest forward, with f_i = E/(kT) * #tokens whose top-k holds i and P_i = mean_t p_i.
     Uniform routing gives 1 per layer; the gradient reaches P (the routers) only.
     Each layer's statistics are read once: call it once per forward, before backward.
-    A layer that did not run, or ran over no token, adds nothing (0 if none)."""
+    A layer that did not run, or ran over no token, adds nothing (0 if none). A layer
+    called several times in one forward (one block looped, weights shared across depth)
+    counts its latest call only."""
     losses = []
     for layer in model.modules():
         if isinstance(layer, Routed) and layer.experts > 1:
@@ -499,9 +503,16 @@ def add_goat(model, cfg, targets="all-linear", exclude=DEFAULT_EXCLUDE, svd_devi
     """Wrap the target nn.Linear modules of `model` in place with GOATLinear, freeze
     everything else, return the wrapped names. Train a head afterwards with
     `head.requires_grad_(True)`. `svd_device`: where to run the SVD inits;
-    `factors`: {name: (A0, B0, s)} computed beforehand (see initial_factors)."""
+    `factors`: {name: (A0, B0, s)} computed beforehand (see initial_factors).
+    Every target is checked before any is wrapped: a refusal changes nothing.
+    A new layer takes the training mode of the Linear it wraps."""
+    if not isinstance(cfg, GOATConfig):
+        raise TypeError(f"add_goat(model, cfg): cfg is {type(cfg).__name__}, not a GOATConfig; "
+                        "give e.g. goat.preset('goat') or goat.GOATConfig(rank=32)")
     _refuse_if_wrapped(model)
     names = find_targets(model, targets, exclude)
+    for name in names:
+        _check_fits(model.get_submodule(name), cfg, name)
     factors = factors or {}
     return _swap(model, names, lambda mod, name: GOATLinear(mod, cfg, name, factors=factors.get(name),
                                                            svd_device=svd_device))
@@ -522,11 +533,13 @@ def add_upcycled_moe(model, experts=8, top_k=2, targets="all-linear", exclude=DE
 
 def _swap(model, names, make):
     """Replace each named module by make(module, name), then freeze the whole model but
-    what the new modules train (a GOATLinear: lora_A, lora_B, lora_router)."""
+    what the new modules train (a GOATLinear: lora_A, lora_B, lora_router): a head
+    trained alongside is unfrozen afterwards."""
     made = []
     for name in names:
         parent, child = _parent(model, name)
-        made.append(make(getattr(parent, child), name))
+        original = getattr(parent, child)
+        made.append(make(original, name).train(original.training))  # an eval-mode model stays in eval
         setattr(parent, child, made[-1])
     trained = [p for mod in made for p in mod.parameters() if p.requires_grad]
     model.requires_grad_(False)
@@ -779,16 +792,38 @@ def _check_config(cfg):
 
 
 
+def _unusual_linear(module):
+    """Why GOAT cannot stand in for this nn.Linear's own computation (None: it can)."""
+    if "weight" not in module._parameters:  # parametrize, weight_norm, spectral_norm
+        return ("its weight is computed from other parameters (a parametrization such as weight_norm or "
+                "spectral_norm), and GOAT writes W_res into a plain weight: remove the parametrization first")
+    if type(module).forward is not nn.Linear.forward:
+        return (f"its class {type(module).__name__} has a forward of its own, which GOAT (computing W_res x + b "
+                "itself) would bypass")
+    return None
+
+
 def _check_linear(module, name):
     if not isinstance(module, nn.Linear):
         raise ValueError(f"{name}: is {type(module).__name__}, not nn.Linear; GOAT wraps nn.Linear "
                          f"only, so name a Linear (or use targets='all-linear')")
+    if unusual := _unusual_linear(module):
+        raise ValueError(f"{name}: GOAT cannot wrap it: {unusual}")
     if not module.weight.dtype.is_floating_point or module.weight.dtype.itemsize < 2:
         raise ValueError(f"{name}: weight dtype {module.weight.dtype} is integer or quantised; "
                          f"load the base model in float32, bfloat16 or float16 before adding GOAT")
     if module.weight.is_meta:
         raise ValueError(f"{name}: weight is on the meta device (no values); GOAT's initialisation reads W0, "
                          f"so load the weights first (e.g. model.to_empty(device=...) and load_state_dict)")
+
+
+def _check_fits(base, cfg, name):
+    _check_linear(base, name)
+    m, n = base.weight.shape
+    if (cfg.rank if cfg.init in SVD_INITS else cfg.expert_rank) > min(m, n):  # SVD experts share one spectrum
+        raise ValueError(f"{name}: rank {cfg.rank} exceeds min(out={m}, in={n}); lower the rank, or, if it is a "
+                         f"task head (trained in full, not adapted), leave it out: "
+                         f"exclude=goat.DEFAULT_EXCLUDE + ({name.rsplit('.', 1)[-1]!r},)")
 
 
 def _excluded(name, exclude):
@@ -820,7 +855,9 @@ def unwrappable_linears(model):
                         for sub, child in mod.named_modules() if isinstance(child, nn.Linear)})
     for name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, nn.Linear) and name not in why:
-            if len(aliases[id(mod)]) > 1:
+            if unusual := _unusual_linear(mod):
+                why[name] = unusual
+            elif len(aliases[id(mod)]) > 1:
                 why[name] = (f"this one nn.Linear is registered under {len(aliases[id(mod)])} names "
                              f"({', '.join(aliases[id(mod)])}): wrapping one name would leave the others "
                              "calling the unwrapped Linear, bypassing the adapter")
@@ -837,6 +874,11 @@ def find_targets(model, targets, exclude=DEFAULT_EXCLUDE):
     `exclude`, matched against the full name or any dotted part of it, and those
     unwrappable_linears names), or a list of name suffixes, each of which must match
     a module outside `exclude`."""
+    if isinstance(model, nn.Linear):
+        raise ValueError("the model is itself an nn.Linear: add_goat wraps the Linears inside a model; "
+                         "wrap a lone Linear with goat.GOATLinear(linear, cfg)")
+    if isinstance(exclude, str):  # one name, not its letters
+        exclude = (exclude,)
     skip = unwrappable_linears(model)
     modules = dict(model.named_modules(remove_duplicate=False))
     if targets == "all-linear":
@@ -945,7 +987,8 @@ def load_goat_state_dict(model, state):
     wrapped are restored to W0 first): rebuilds W_res from the saved initial factors,
     then loads the trained A, B and router. Checks everything first: a refused
     adapter (another base, shape or architecture, a missing key, a broken tensor)
-    changes nothing. Half-precision adapter tensors are cast to the layer's dtype."""
+    changes nothing. Half-precision adapter tensors are cast to the layer's dtype.
+    As add_goat, it freezes all but the adapter (unfreeze a head to train it on)."""
     cfgs = _check_adapter(model, state)
     remove_goat(model)
 

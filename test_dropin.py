@@ -8,6 +8,8 @@ import copy
 import dataclasses
 import json
 import pickle
+import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -747,3 +749,76 @@ def test_config_messages_start_with_the_field_and_its_value(kwargs):
         GOATConfig(**kwargs)
     field, _, value = str(refused.value).split()[0].partition("=")
     assert field in {f.name for f in dataclasses.fields(GOATConfig)} and value, str(refused.value)
+
+
+def test_new_layers_take_the_training_mode_of_the_linears_they_wrap():
+    """An eval-mode model stays deterministic after add_goat and after loading an adapter
+    (dropout in a new layer left in training mode would change every call)."""
+    state = goat.goat_state_dict(trained_nanogpt())
+    cfg = dataclasses.replace(CFG, dropout=0.5)
+    for load in (lambda m: goat.add_goat(m, cfg), lambda m: goat.load_goat_state_dict(m, state)):
+        torch.manual_seed(0)
+        model = NanoGPT().eval()
+        load(model)
+        assert not any(layer.training for _, layer in goat.goat_layers(model))
+        torch.testing.assert_close(outputs(model), outputs(model), rtol=0, atol=0)
+    model = NanoGPT().train()
+    goat.add_goat(model, cfg)
+    assert all(layer.training for _, layer in goat.goat_layers(model))
+
+
+class DoubledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class PlainSubclass(nn.Linear):
+    pass
+
+
+def test_linears_whose_output_goat_cannot_reproduce_are_left_alone_and_named():
+    """A Linear subclass with a forward of its own, and a parametrized weight: skipped by
+    "all-linear", refused by name (GOAT computes W_res x + b from a plain weight)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the legacy weight_norm, still in use
+        legacy = nn.utils.weight_norm(nn.Linear(32, 32))
+    model = nn.Sequential(nn.Linear(32, 32), DoubledLinear(32, 32), PlainSubclass(32, 32),
+                          nn.utils.parametrizations.spectral_norm(nn.Linear(32, 32)), legacy)
+    why = goat.unwrappable_linears(model)
+    assert "forward of its own" in why["1"] and "parametrization" in why["3"] and "parametrization" in why["4"]
+    assert "2" not in why and "0" not in why
+    with pytest.raises(ValueError, match="1: GOAT cannot wrap it: its class DoubledLinear has a forward of its own"):
+        goat.add_goat(model, CFG, targets=["1"])
+    assert goat.add_goat(model, CFG) == ["0", "2"]
+
+
+def test_a_refusal_in_any_target_changes_nothing_and_names_the_head():
+    """The last Linear (3 outputs, a user's own head not named like one) cannot hold rank
+    8: nothing is wrapped or rewritten, and the message says how to leave it out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 3))
+    x = torch.randn(4, 32)
+    expected = model(x)
+    with pytest.raises(ValueError, match=r"3: rank 8 exceeds min\(out=3, in=32\); lower the rank, or, if it is a "
+                                         r"task head .*exclude=goat.DEFAULT_EXCLUDE \+ \('3',\)"):
+        goat.add_goat(model, CFG)
+    assert not goat.goat_layers(model) and all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert goat.add_goat(model, CFG, exclude=goat.DEFAULT_EXCLUDE + ("3",)) == ["0", "2"]
+
+
+def test_add_goat_refuses_clearly_what_is_not_a_model_and_a_config():
+    with pytest.raises(ValueError, match="the model is itself an nn.Linear.*goat.GOATLinear"):
+        goat.add_goat(nn.Linear(16, 16), CFG)
+    with pytest.raises(TypeError, match="cfg is str, not a GOATConfig"):
+        goat.add_goat(NanoGPT(), "goat")
+
+
+def test_a_single_excluded_name_is_a_name_not_its_letters():
+    model = nn.Sequential(OrderedDict(h=nn.Linear(32, 32), lm_head=nn.Linear(32, 50)))  # "h" is in "lm_head"
+    assert goat.add_goat(model, CFG, exclude="lm_head") == ["h"]
+
+
+def test_a_wrapped_linear_keeps_its_feature_counts():
+    layer = GOATLinear(nn.Linear(48, 16), CFG)
+    assert (layer.in_features, layer.out_features) == (48, 16)
