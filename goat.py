@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -294,13 +295,15 @@ class Routed(nn.Module):
     top_k = 1
     name = "layer"
     _probs = _chosen = None
-    _ran_without_graph = False
+    _ran_without_graph = _ran_in_eval_with_grad = False
 
     def _remember(self, probs, chosen, router):
         if _in_backward():  # activation checkpointing re-runs the forward; its statistics were used
             return
         graph = self.training and torch.is_grad_enabled()
         self._probs, self._chosen = (probs if graph else probs.detach()), chosen.detach()
+        # autograd on in eval mode: most likely training a model left in eval (from_pretrained returns one)
+        self._ran_in_eval_with_grad = not self.training and torch.is_grad_enabled() and router.requires_grad
         # reentrant activation checkpointing runs a training forward with autograd off
         self._ran_without_graph = self.training and not torch.is_grad_enabled() and router.requires_grad
 
@@ -317,7 +320,7 @@ class Routed(nn.Module):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("_probs", "_chosen", "_ran_without_graph"):
+        for key in ("_probs", "_chosen", "_ran_without_graph", "_ran_in_eval_with_grad"):
             state.pop(key, None)
         return state
 
@@ -475,13 +478,20 @@ def balance_loss(model):
     A layer that did not run, or ran over no token, adds nothing (0 if none). A layer
     called several times in one forward (one block looped, weights shared across depth)
     counts its latest call only."""
-    losses = []
+    losses, in_eval = [], []
     for layer in model.modules():
         if isinstance(layer, Routed) and layer.experts > 1:
+            if layer._probs is not None and layer._ran_in_eval_with_grad:
+                in_eval.append(layer.name)
             probs = layer._take_probs()
             if probs is not None and probs.shape[0] > 0:
                 f = layer._chosen.mean(dim=0) * (layer.experts / layer.top_k)
                 losses.append((f * probs.mean(dim=0)).sum())
+    if in_eval:
+        warnings.warn(f"{len(in_eval)} routed layers (e.g. {in_eval[0]}) ran in eval mode with autograd on, so the "
+                      "balance loss reaches no router (routing statistics keep a graph in training mode only): "
+                      "call model.train() before training (from_pretrained returns a model in eval mode)",
+                      stacklevel=2)
     return torch.stack(losses).sum() if losses else torch.zeros(())
 
 
@@ -511,9 +521,15 @@ def add_goat(model, cfg, targets="all-linear", exclude=DEFAULT_EXCLUDE, svd_devi
                         "give e.g. goat.preset('goat') or goat.GOATConfig(rank=32)")
     _refuse_if_wrapped(model)
     names = find_targets(model, targets, exclude)
-    for name in names:
-        _check_fits(model.get_submodule(name), cfg, name)
     factors = factors or {}
+    for name in names:
+        base = model.get_submodule(name)
+        _check_fits(base, cfg, name)
+        if name in factors and [tuple(f.shape) for f in factors[name][:2]] != [(cfg.rank, base.in_features),
+                                                                              (base.out_features, cfg.rank)]:
+            raise ValueError(f"{name}: factors[{name!r}] hold A0 {tuple(factors[name][0].shape)} and B0 "
+                             f"{tuple(factors[name][1].shape)}, not {(cfg.rank, base.in_features)} and "
+                             f"{(base.out_features, cfg.rank)}: they were computed for another model or config")
     return _swap(model, names, lambda mod, name: GOATLinear(mod, cfg, name, factors=factors.get(name),
                                                            svd_device=svd_device))
 
@@ -793,13 +809,26 @@ def _check_config(cfg):
 
 
 def _unusual_linear(module):
-    """Why GOAT cannot stand in for this nn.Linear's own computation (None: it can)."""
+    """Why this nn.Linear's output is not W x + b, which GOAT relies on when it writes W_res
+    into W (None: it is, or its weight cannot be read, which _check_linear names)."""
     if "weight" not in module._parameters:  # parametrize, weight_norm, spectral_norm
         return ("its weight is computed from other parameters (a parametrization such as weight_norm or "
                 "spectral_norm), and GOAT writes W_res into a plain weight: remove the parametrization first")
-    if type(module).forward is not nn.Linear.forward:
-        return (f"its class {type(module).__name__} has a forward of its own, which GOAT (computing W_res x + b "
-                "itself) would bypass")
+    weight = module.weight
+    if type(module).forward is nn.Linear.forward or weight.is_meta or not weight.dtype.is_floating_point:
+        return None
+    # a subclass with a forward of its own (e.g. transformers' FalconLinear: x W^T + b, fine): probe it
+    probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+    with torch.no_grad():
+        try:
+            out = module.forward(probe)
+        except Exception as e:  # noqa: BLE001 - any failure means it is not a plain Linear
+            out = e
+        expected = F.linear(probe, weight, module.bias).float()
+        if not (isinstance(out, torch.Tensor) and out.shape == expected.shape
+                and torch.allclose(out.float(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))):
+            return (f"its class {type(module).__name__} has a forward of its own that does not compute W x + b "
+                    "(checked on a random input), and GOAT's W_res = W0 - c s sum B_i A_i assumes it does")
     return None
 
 
@@ -807,14 +836,15 @@ def _check_linear(module, name):
     if not isinstance(module, nn.Linear):
         raise ValueError(f"{name}: is {type(module).__name__}, not nn.Linear; GOAT wraps nn.Linear "
                          f"only, so name a Linear (or use targets='all-linear')")
-    if unusual := _unusual_linear(module):
-        raise ValueError(f"{name}: GOAT cannot wrap it: {unusual}")
-    if not module.weight.dtype.is_floating_point or module.weight.dtype.itemsize < 2:
+    if "weight" in module._parameters and (not module.weight.dtype.is_floating_point
+                                           or module.weight.dtype.itemsize < 2):
         raise ValueError(f"{name}: weight dtype {module.weight.dtype} is integer or quantised; "
                          f"load the base model in float32, bfloat16 or float16 before adding GOAT")
     if module.weight.is_meta:
         raise ValueError(f"{name}: weight is on the meta device (no values); GOAT's initialisation reads W0, "
                          f"so load the weights first (e.g. model.to_empty(device=...) and load_state_dict)")
+    if unusual := _unusual_linear(module):
+        raise ValueError(f"{name}: GOAT cannot wrap it: {unusual}")
 
 
 def _check_fits(base, cfg, name):
@@ -823,7 +853,7 @@ def _check_fits(base, cfg, name):
     if (cfg.rank if cfg.init in SVD_INITS else cfg.expert_rank) > min(m, n):  # SVD experts share one spectrum
         raise ValueError(f"{name}: rank {cfg.rank} exceeds min(out={m}, in={n}); lower the rank, or, if it is a "
                          f"task head (trained in full, not adapted), leave it out: "
-                         f"exclude=goat.DEFAULT_EXCLUDE + ({name.rsplit('.', 1)[-1]!r},)")
+                         f"exclude=goat.DEFAULT_EXCLUDE + ({name!r},)")
 
 
 def _excluded(name, exclude):

@@ -39,17 +39,21 @@ found in them: docs/study-round1.md):
   written as 1.66 and 2.4, an arithmetic slip mended before any seed 1-5 run). A
   smaller difference is "not detected", not "equal". The report also says whether
   each task's validation split orders the methods as its dev set does (added with the
-  first method runs, before any seed 1-5 run). A reported run that diverges counts as
-  the majority class's metric, so no mean is taken over a method's good seeds alone.
+  first method runs, before any seed 1-5 run). A run that diverges (headline, ablation
+  or sweep) counts as the majority class's metric, so no mean is taken over a method's
+  good seeds alone; the tables say how many diverged.
 - train.py's defaults, decided on seeds 1-5 by this rule: each method's default is its
   chosen setting unless one of its 15 reported runs collapses (diverges, or its dev
   metric is at most 1 point above the majority class's); then the next gentler rung
-  runs on seeds 1-5 and is judged alike, at most two rungs down (no default if all
-  collapse); GOAT's default scaling is the Adam scale if its paired intervals against
+  runs on seeds 1-5 and is judged alike, one rung down (if it collapses too, the
+  chosen rate stays the default and the README names its collapses: seed 0 already
+  shows every LoRA-family row weaker on CoLA one rung down, so the search goes no
+  further); GOAT's default scaling is the Adam scale if its paired intervals against
   the paper's scale, each at its chosen rate, lie above 0 on at least one task and
   below 0 on none, else the paper's, at that row's default rate; --head_lr's default
   is the shared head rate. (What a collapse leads to, and a diverged run's score, were
-  added before any seed 1-5 run, after a review found the rule silent on both.)
+  added after a review found the rule silent on both, when 3 seed 1 runs had finished,
+  GOAT's at the paper scale, none collapsed, and before any other.)
 - After the headline: ablations of GOAT's parts (seeds 1-3, every task) under the Adam
   scale, which gives every init and segment the same effective step by construction
   (each expert's equivalent weight moves by eta x lr per step), at the Adam row's
@@ -173,15 +177,16 @@ def design_run(record):
                tuple(flags))
 
 
-def current(results, commit):
+def current(results, commit, model=None):
     """(the records made by the pinned commit with the command line the design gives
-    their run now, the others). A record of another commit or of a changed design is set
-    aside: never mixed into a table, run again by the plan."""
+    their run now, on `model` (None: train.py's default), the others). A record of
+    another commit, model or design is set aside: never mixed into a table, run again
+    by the plan."""
     kept, aside = {}, {}
     for key, record in results.items():
         run = design_run(record)
-        argv = [a for a in record.get("argv", []) if not a.startswith("--model=")]
-        same = run is not None and run.id == key and argv == run.recorded_argv() and record.get("commit") == commit
+        expected = None if run is None else run.recorded_argv() + ([f"--model={model}"] if model else [])
+        same = run is not None and run.id == key and record.get("argv") == expected and record.get("commit") == commit
         (kept if same else aside)[key] = record
     return kept, aside
 
@@ -283,7 +288,7 @@ def tune(part, label, flags, start, results, head_lr=None):
         points.add(missing)  # the rung below the gentlest is run before the choice is made
 
 
-FALLBACK_RUNGS = 2  # a default is sought at most this many rungs (about 9x) below the chosen rate
+FALLBACK_RUNGS = 1  # a default is sought at most this many rungs (about 3x) below the chosen rate
 
 
 def majorities(results):
@@ -311,7 +316,8 @@ def default_setting(label, chosen_lr, head, results):
     """(the fallback runs this row's default needs, its default lr, whether it is decided).
     The chosen setting is the default unless one of its reported runs collapses; then
     the next gentler rung, run on seeds 1-5 and judged alike, down to FALLBACK_RUNGS
-    rungs below. Decided with lr None: every rate tried collapses somewhere."""
+    rungs below. Decided with lr None: every rate tried collapses somewhere (then the
+    chosen rate stays train.py's default and the README names its collapses)."""
     majority, fallback, lr = majorities(results), [], chosen_lr
     while True:
         rows = reported_runs(label, lr, chosen_lr, head)
@@ -452,7 +458,7 @@ def run_study(args):
     failed, running = set(), {}
     with ThreadPoolExecutor(args.workers) as pool:
         while True:
-            results = current(load_results(args.results_dir), commit)[0]
+            results = current(load_results(args.results_dir), commit, args.model)[0]
             busy = {r.id for r in running.values()}
             due = [r for r in plan(results)[0] if r.id not in results and r.id not in failed and r.id not in busy]
             for run in due[:args.workers - len(running)]:
@@ -516,12 +522,10 @@ class Records:
         return {s: r[split] if r["status"] == "ok" else self.majorities[task][split]
                 for s, r in found.items() if r}
 
-    def diverged(self, label):
-        """How many of a headline row's reported runs diverged."""
-        lr = self.chosen.get("head" if label == "head only" else label)
-        flags = HEAD_ONLY if label == "head only" else METHODS[label][0]
-        return sum(self.results.get(Run("seeds", t, label, lr, self.chosen.get("head"), s, tuple(flags)).id,
-                                    {}).get("status") == "diverged" for t in TASKS for s in REPORT_SEEDS)
+    def diverged(self, part, tasks, label, lr, seeds, flags=()):
+        """How many of these runs diverged."""
+        return sum(self.results.get(Run(part, t, label, lr, self.chosen.get("head"), s, tuple(flags)).id,
+                                    {}).get("status") == "diverged" for t in tasks for s in seeds)
 
     def headline_scores(self, label, split="dev"):
         """{task: {seed: dev (or validation) metric}} of a headline row at its chosen setting."""
@@ -590,7 +594,8 @@ def headline_table(records):
         scores = records.headline_scores(label)
         lr = records.chosen["head"] if label == "head only" else records.chosen[label]
         seeds = min((len(v) for v in scores.values()), default=0)
-        diverged = records.diverged(label)
+        diverged = records.diverged("seeds", TASKS, label, lr, REPORT_SEEDS,
+                                    HEAD_ONLY if label == "head only" else METHODS[label][0])
         lines.append(f"| {label} | {lr:g} | " + " | ".join(fmt_mean_std(list(scores.get(t, {}).values()))
                                                             for t in TASKS)
                      + f" | {seeds}{f' ({diverged} diverged)' if diverged else ''} |")
@@ -686,7 +691,8 @@ def defaults(records):
                    if r.id in records.results and collapsed(records.results[r.id], records.majorities)]
             notes += [f"lr {lr:g} collapses ({', '.join(bad)})"] if bad else []
         verdict = (f"lr {found[label]:g}, the default" if found[label] else
-                   f"no default: every rate down to {tried[-1]:g} collapses") if decided else \
+                   f"every rate down to {tried[-1]:g} collapses somewhere: lr {chosen:g} stays the default, "
+                   "its collapses named in the README") if decided else \
             f"seeds at lr {tried[-1]:g} still running"
         lines.append(f"- {label}: " + "; ".join(notes + [verdict]))
     paper, adam = records.headline_scores("goat"), records.headline_scores("goat (Adam s)")
@@ -712,16 +718,20 @@ def variant_table(records, part, variants, reference, lr, tasks, seeds):
     lines = ["| variant | " + " | ".join(f"{TASK_NAMES[t]} | minus {ref_label}" for t in tasks) + " |",
              "|---|" + "---|---|" * len(tasks)]
     reference_scores = {t: records.dev("seeds", t, ref_label, lr, seeds, tuple(ref_flags)) for t in tasks}
-    lines.append(f"| {ref_label} | " + " | ".join(f"{fmt_mean_std(list(reference_scores[t].values()))} | "
+
+    def cell(part, task, label, flags, scores):
+        diverged = records.diverged(part, [task], label, lr, seeds, flags)
+        return fmt_mean_std(list(scores.values())) + (f" ({diverged} diverged)" if diverged else "")
+    lines.append(f"| {ref_label} | " + " | ".join(f"{cell('seeds', t, ref_label, ref_flags, reference_scores[t])} | "
                                                  for t in tasks) + " |")
     for label, flags in variants.items():
         cells = []
         for task in tasks:
             scores = records.dev(part, task, label, lr, seeds, tuple(flags))
             diffs = [scores[s] - reference_scores[task][s] for s in seeds if s in scores and s in reference_scores[task]]
-            cells.append(f"{fmt_mean_std(list(scores.values()))} | {fmt_interval(diffs) if diffs else '-'}")
+            cells.append(f"{cell(part, task, label, flags, scores)} | {fmt_interval(diffs) if diffs else '-'}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\nA diverged run counts as the majority class."
 
 
 def compute(records):
@@ -804,7 +814,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.report_only and not args.next:
         run_study(args)
-    results, set_aside = current(load_results(args.results_dir), pinned_commit(args.results_dir))
+    results, set_aside = current(load_results(args.results_dir), pinned_commit(args.results_dir), args.model)
     if args.next:
         due = [r for r in plan(results)[0] if r.id not in results]
         print("\n".join(f"{r.part:8} {r.id}" for r in due) or "nothing due: the study is complete")

@@ -776,20 +776,39 @@ class PlainSubclass(nn.Linear):
     pass
 
 
+class MatmulLinear(nn.Linear):
+    """A forward of its own that still computes x W^T + b (as transformers' FalconLinear)."""
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class TupleLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x), None
+
+
 def test_linears_whose_output_goat_cannot_reproduce_are_left_alone_and_named():
-    """A Linear subclass with a forward of its own, and a parametrized weight: skipped by
-    "all-linear", refused by name (GOAT computes W_res x + b from a plain weight)."""
+    """A subclass whose forward is not W x + b (probed), and a parametrized weight: skipped
+    by "all-linear", refused by name (GOAT writes W_res into a plain weight and relies on
+    the layer computing W_res x + b); a subclass whose own forward is W x + b is wrapped."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the legacy weight_norm, still in use
         legacy = nn.utils.weight_norm(nn.Linear(32, 32))
     model = nn.Sequential(nn.Linear(32, 32), DoubledLinear(32, 32), PlainSubclass(32, 32),
-                          nn.utils.parametrizations.spectral_norm(nn.Linear(32, 32)), legacy)
+                          nn.utils.parametrizations.spectral_norm(nn.Linear(32, 32)), legacy,
+                          MatmulLinear(32, 32), nn.Sequential(TupleLinear(32, 32)))
     why = goat.unwrappable_linears(model)
-    assert "forward of its own" in why["1"] and "parametrization" in why["3"] and "parametrization" in why["4"]
-    assert "2" not in why and "0" not in why
-    with pytest.raises(ValueError, match="1: GOAT cannot wrap it: its class DoubledLinear has a forward of its own"):
+    assert "parametrization" in why["3"] and "parametrization" in why["4"]
+    assert "does not compute W x + b" in why["1"] and "does not compute W x + b" in why["6.0"]
+    assert not {"0", "2", "5"} & set(why)
+    with pytest.raises(ValueError, match="1: GOAT cannot wrap it: its class DoubledLinear has a forward of its own "
+                                         "that does not compute W x"):
         goat.add_goat(model, CFG, targets=["1"])
-    assert goat.add_goat(model, CFG) == ["0", "2"]
+    assert goat.add_goat(model, CFG) == ["0", "2", "5"]
+    quantised = type("Int8Linear", (MatmulLinear,), {})(4, 4)
+    quantised.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="q: weight dtype torch.int8 is integer or quantised"):
+        goat.add_goat(nn.Sequential(OrderedDict(q=quantised)), CFG, targets=["q"])
 
 
 def test_a_refusal_in_any_target_changes_nothing_and_names_the_head():
@@ -805,6 +824,43 @@ def test_a_refusal_in_any_target_changes_nothing_and_names_the_head():
     assert not goat.goat_layers(model) and all(p.requires_grad for p in model.parameters())
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     assert goat.add_goat(model, CFG, exclude=goat.DEFAULT_EXCLUDE + ("3",)) == ["0", "2"]
+    nested = nn.Sequential(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)),
+                           nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 3)))
+    with pytest.raises(ValueError, match=r"exclude=goat.DEFAULT_EXCLUDE \+ \('1.2',\)"):
+        goat.add_goat(nested, CFG)
+    assert len(goat.add_goat(nested, CFG, exclude=goat.DEFAULT_EXCLUDE + ("1.2",))) == 5  # that head alone
+
+
+def test_factors_for_another_model_are_refused_before_anything_changes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    other = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 48), nn.Linear(48, 32))
+    factors = goat.initial_factors(other, CFG, ["0", "1", "2"])
+    x = torch.randn(4, 32)
+    expected = model(x)
+    with pytest.raises(ValueError, match=r"1: factors\['1'\] hold A0 \(8, 32\) and B0 \(48, 8\)"):
+        goat.add_goat(model, CFG, factors=factors)
+    assert not goat.goat_layers(model)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_training_a_model_left_in_eval_mode_warns_that_the_balance_loss_reaches_no_router():
+    torch.manual_seed(0)
+    model = NanoGPT().eval()  # as from_pretrained returns it
+    goat.add_goat(model, CFG)
+    model(*lm_batch(0))  # a training step's forward, autograd on, but in eval mode
+    with pytest.warns(UserWarning, match=r"8 routed layers \(e.g. blocks.0.c_attn\) ran in eval mode"):
+        assert not goat.balance_loss(model).requires_grad
+    model.train()
+    model(*lm_batch(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert goat.balance_loss(model).requires_grad
+    with torch.no_grad():  # an evaluation forward: nothing to warn about
+        model.eval()(*lm_batch(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        goat.balance_loss(model)
 
 
 def test_add_goat_refuses_clearly_what_is_not_a_model_and_a_config():

@@ -147,10 +147,16 @@ def test_a_diverged_reported_run_counts_and_sends_the_default_to_a_gentler_rate(
     assert {r.lr for r in fallback} == {gentler} and len(fallback) == 15 and all(r.label == "lora" for r in fallback)
     assert "- lora: lr 0.0003 collapses (cola seed 3 diverged); seeds at lr 0.0001 still running" in \
         study.defaults(records)
-    results = finish_study(results)
-    text = study.defaults(study.Records(results))
+    finished = finish_study(dict(results))
+    text = study.defaults(study.Records(finished))
     assert f"- lora: lr 0.0003 collapses (cola seed 3 diverged); lr {gentler:g}, the default" in text, text
     assert "- goat: lr 0.0003, the default" in text
+    for run in fallback:  # the gentler rate collapses too: the search stops there
+        results[run.id] = fake_result(run, 0.3 if run.task == "sst2" and run.seed == 2 else score(run))
+    assert not [r for r in study.plan(results)[0] if r.part == "fallback" and r.id not in results]
+    assert "lr 0.0001 collapses (sst2 seed 2); every rate down to 0.0001 collapses somewhere: lr 0.0003 " \
+        "stays the default" in \
+        study.defaults(study.Records(results))
 
 
 def test_tied_means_share_their_rank_and_every_task_waits_for_its_seeds(monkeypatch):
@@ -187,6 +193,9 @@ def test_records_of_another_commit_or_design_are_set_aside_and_run_again(monkeyp
     kept, aside = study.current({**results, run.id: changed}, "abc")
     assert list(aside) == [run.id] and run.id not in kept and run in study.plan(kept)[0]
     assert "Set aside: 1 record(s)" in study.status(study.Records(kept, aside))
+    other_model = dict(results[run.id], argv=results[run.id]["argv"] + ["--model=prajjwal1/bert-tiny"])
+    assert list(study.current({**results, run.id: other_model}, "abc")[1]) == [run.id]
+    assert run.id in study.current({run.id: other_model}, "abc", model="prajjwal1/bert-tiny")[0]
 
 
 def test_only_train_py_s_divergence_messages_make_a_run_diverged(tmp_path):
