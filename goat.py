@@ -807,7 +807,6 @@ def _check_config(cfg):
         refuse("dropout", "must be a number in [0, 1) (the paper's is 0.05)")
 
 
-
 def _unusual_linear(module):
     """Why this nn.Linear's output is not W x + b, which GOAT relies on when it writes W_res
     into W (None: it is, or its weight cannot be read, which _check_linear names)."""
