@@ -523,13 +523,7 @@ def add_goat(model, cfg, targets="all-linear", exclude=DEFAULT_EXCLUDE, svd_devi
     names = find_targets(model, targets, exclude)
     factors = factors or {}
     for name in names:
-        base = model.get_submodule(name)
-        _check_fits(base, cfg, name)
-        if name in factors and [tuple(f.shape) for f in factors[name][:2]] != [(cfg.rank, base.in_features),
-                                                                              (base.out_features, cfg.rank)]:
-            raise ValueError(f"{name}: factors[{name!r}] hold A0 {tuple(factors[name][0].shape)} and B0 "
-                             f"{tuple(factors[name][1].shape)}, not {(cfg.rank, base.in_features)} and "
-                             f"{(base.out_features, cfg.rank)}: they were computed for another model or config")
+        _check_fits(model.get_submodule(name), cfg, name, factors.get(name))
     return _swap(model, names, lambda mod, name: GOATLinear(mod, cfg, name, factors=factors.get(name),
                                                            svd_device=svd_device))
 
@@ -846,13 +840,17 @@ def _check_linear(module, name):
         raise ValueError(f"{name}: GOAT cannot wrap it: {unusual}")
 
 
-def _check_fits(base, cfg, name):
+def _check_fits(base, cfg, name, factors=None):
+    """That cfg (and initial factors computed elsewhere, if given) fit this Linear."""
     _check_linear(base, name)
     m, n = base.weight.shape
     if (cfg.rank if cfg.init in SVD_INITS else cfg.expert_rank) > min(m, n):  # SVD experts share one spectrum
         raise ValueError(f"{name}: rank {cfg.rank} exceeds min(out={m}, in={n}); lower the rank, or, if it is a "
                          f"task head (trained in full, not adapted), leave it out: "
                          f"exclude=goat.DEFAULT_EXCLUDE + ({name!r},)")
+    if factors is not None and (tuple(factors[0].shape), tuple(factors[1].shape)) != ((cfg.rank, n), (m, cfg.rank)):
+        raise ValueError(f"{name}: its factors hold A0 {tuple(factors[0].shape)} and B0 {tuple(factors[1].shape)}, "
+                         f"not {(cfg.rank, n)} and {(m, cfg.rank)}: they were computed for another model or config")
 
 
 def _excluded(name, exclude):

@@ -68,7 +68,7 @@ results/study/code.json, so that the repository may change while the study runs.
 Its small record (metrics, flags, loss curve, expert load, seconds, commit) goes to
 results/study/runs/ and is never rewritten; the plan is computed from those files,
 so the study continues on any machine where it stopped. A record of another commit, or
-whose command line the design no longer gives its run, is set aside (named in the
+another --model, or whose command line the design no longer gives its run, is set aside (named in the
 report's status, in no table) and its run made again. The report
 (results/study.md and results/study_*.png) is computed from them alone.
 """
@@ -513,19 +513,22 @@ class Records:
         self.runs, self.chosen = plan(results)
         self.majorities = majorities(results)
 
-    def dev(self, part, task, label, lr, seeds, flags=(), split="dev"):
+    def record(self, part, task, label, lr, seed):
+        """A finished run's record, or None (a run's id names it; its label gives its flags)."""
+        return self.results.get(Run(part, task, label, lr, self.chosen.get("head"), seed).id)
+
+    def dev(self, part, task, label, lr, seeds, split="dev"):
         """{seed: dev (or validation) metric} of the finished runs; a diverged run scores
         the majority class's metric (what a model that learned nothing would), so that no
         mean, interval or rank is taken over a method's good seeds alone."""
-        head = self.chosen.get("head")
-        found = {s: self.results.get(Run(part, task, label, lr, head, s, flags).id) for s in seeds}
+        found = {s: self.record(part, task, label, lr, s) for s in seeds}
         return {s: r[split] if r["status"] == "ok" else self.majorities[task][split]
                 for s, r in found.items() if r}
 
-    def diverged(self, part, tasks, label, lr, seeds, flags=()):
+    def diverged(self, part, tasks, label, lr, seeds):
         """How many of these runs diverged."""
-        return sum(self.results.get(Run(part, t, label, lr, self.chosen.get("head"), s, tuple(flags)).id,
-                                    {}).get("status") == "diverged" for t in tasks for s in seeds)
+        return sum((self.record(part, t, label, lr, s) or {}).get("status") == "diverged"
+                   for t in tasks for s in seeds)
 
     def headline_scores(self, label, split="dev"):
         """{task: {seed: dev (or validation) metric}} of a headline row at its chosen setting."""
@@ -594,8 +597,7 @@ def headline_table(records):
         scores = records.headline_scores(label)
         lr = records.chosen["head"] if label == "head only" else records.chosen[label]
         seeds = min((len(v) for v in scores.values()), default=0)
-        diverged = records.diverged("seeds", TASKS, label, lr, REPORT_SEEDS,
-                                    HEAD_ONLY if label == "head only" else METHODS[label][0])
+        diverged = records.diverged("seeds", TASKS, label, lr, REPORT_SEEDS)
         lines.append(f"| {label} | {lr:g} | " + " | ".join(fmt_mean_std(list(scores.get(t, {}).values()))
                                                             for t in TASKS)
                      + f" | {seeds}{f' ({diverged} diverged)' if diverged else ''} |")
@@ -712,24 +714,23 @@ def defaults(records):
     return "\n".join(lines)
 
 
-def variant_table(records, part, variants, reference, lr, tasks, seeds):
-    """Each variant's dev score per task, and its paired difference to `reference`."""
-    ref_label, ref_flags = reference
+def variant_table(records, part, variants, ref_label, lr, tasks, seeds):
+    """Each variant's dev score per task, and its paired difference to the headline row `ref_label`."""
     lines = ["| variant | " + " | ".join(f"{TASK_NAMES[t]} | minus {ref_label}" for t in tasks) + " |",
              "|---|" + "---|---|" * len(tasks)]
-    reference_scores = {t: records.dev("seeds", t, ref_label, lr, seeds, tuple(ref_flags)) for t in tasks}
+    reference_scores = {t: records.dev("seeds", t, ref_label, lr, seeds) for t in tasks}
 
-    def cell(part, task, label, flags, scores):
-        diverged = records.diverged(part, [task], label, lr, seeds, flags)
+    def cell(part, task, label, scores):
+        diverged = records.diverged(part, [task], label, lr, seeds)
         return fmt_mean_std(list(scores.values())) + (f" ({diverged} diverged)" if diverged else "")
-    lines.append(f"| {ref_label} | " + " | ".join(f"{cell('seeds', t, ref_label, ref_flags, reference_scores[t])} | "
+    lines.append(f"| {ref_label} | " + " | ".join(f"{cell('seeds', t, ref_label, reference_scores[t])} | "
                                                  for t in tasks) + " |")
-    for label, flags in variants.items():
+    for label in variants:
         cells = []
         for task in tasks:
-            scores = records.dev(part, task, label, lr, seeds, tuple(flags))
+            scores = records.dev(part, task, label, lr, seeds)
             diffs = [scores[s] - reference_scores[task][s] for s in seeds if s in scores and s in reference_scores[task]]
-            cells.append(f"{cell(part, task, label, flags, scores)} | {fmt_interval(diffs) if diffs else '-'}")
+            cells.append(f"{cell(part, task, label, scores)} | {fmt_interval(diffs) if diffs else '-'}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nA diverged run counts as the majority class."
 
@@ -759,19 +760,18 @@ def report(records):
     adam_lr, paper_lr = records.chosen.get("goat (Adam s)"), records.chosen.get("goat")
     if adam_lr is not None:
         sections.append(("Ablations under the Adam scale (seeds 1-3)",
-                         variant_table(records, "ablation", ABLATIONS, ("goat (Adam s)", METHODS["goat (Adam s)"][0]),
-                                       adam_lr, list(TASKS), LATER_SEEDS)))
+                         variant_table(records, "ablation", ABLATIONS, "goat (Adam s)", adam_lr, list(TASKS),
+                                       LATER_SEEDS)))
         sections.append(("Experts and top-k at total rank 32 (seeds 1-3)",
-                         variant_table(records, "experts", EXPERT_COUNTS,
-                                       ("goat (Adam s)", METHODS["goat (Adam s)"][0]), adam_lr, list(TASKS),
+                         variant_table(records, "experts", EXPERT_COUNTS, "goat (Adam s)", adam_lr, list(TASKS),
                                        LATER_SEEDS)))
         sections.append(("One LoRA from each SVD segment (Fig. 1; seeds 1-2)",
-                         variant_table(records, "sweep", SWEEP, ("goat (Adam s)", METHODS["goat (Adam s)"][0]),
-                                       adam_lr, list(SWEEP_TASKS), LATER_SEEDS[:2])))
+                         variant_table(records, "sweep", SWEEP, "goat (Adam s)", adam_lr, list(SWEEP_TASKS),
+                                       LATER_SEEDS[:2])))
     if paper_lr is not None:
         sections.append(("GOAT-s against GOAT (paper scale, seeds 1-3)",
-                         variant_table(records, "ablation", dict([GOAT_S]), ("goat", METHODS["goat"][0]), paper_lr,
-                                       list(TASKS), LATER_SEEDS)))
+                         variant_table(records, "ablation", dict([GOAT_S]), "goat", paper_lr, list(TASKS),
+                                       LATER_SEEDS)))
     sections.append(("Compute", compute(records)))
     return "\n\n".join(f"### {title}\n\n{body}" for title, body in sections if body) + "\n"
 
@@ -790,8 +790,7 @@ def plots(records, out):
     for task in TASKS:
         loss_curves = {}
         for label in [x for x in METHODS if x in records.chosen]:
-            runs = [records.results.get(Run("seeds", task, label, records.chosen[label], records.chosen["head"], s,
-                                            tuple(METHODS[label][0])).id) for s in REPORT_SEEDS]
+            runs = [records.record("seeds", task, label, records.chosen[label], s) for s in REPORT_SEEDS]
             runs = [r for r in runs if r and r["status"] == "ok"]
             if runs:
                 length = min(len(r["loss_curve"]) for r in runs)

@@ -838,7 +838,7 @@ def test_factors_for_another_model_are_refused_before_anything_changes():
     factors = goat.initial_factors(other, CFG, ["0", "1", "2"])
     x = torch.randn(4, 32)
     expected = model(x)
-    with pytest.raises(ValueError, match=r"1: factors\['1'\] hold A0 \(8, 32\) and B0 \(48, 8\)"):
+    with pytest.raises(ValueError, match=r"1: its factors hold A0 \(8, 32\) and B0 \(48, 8\)"):
         goat.add_goat(model, CFG, factors=factors)
     assert not goat.goat_layers(model)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
