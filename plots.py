@@ -77,3 +77,33 @@ def plot_lr_sweeps(sweeps, path):
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def plot_intervals(panels, path, title, xlabel):
+    """One panel per task, one row per method or variant: each seed's value a dot, the
+    mean a bar with its 95% interval. panels: {panel title: (rows, reference)}; rows:
+    {label: (values, interval half-width or None)}; reference: the x of a dashed line
+    (the majority class, or 0 for differences), or None."""
+    labels = list(dict.fromkeys(label for rows, _ in panels.values() for label in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1.5, 0.32 * len(labels) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, (panel, (rows, reference)) in zip(axes[0], panels.items()):
+        for y, label in enumerate(labels):
+            if label not in rows or not rows[label][0]:
+                continue
+            values, half = rows[label]
+            mean = sum(values) / len(values)
+            ax.plot([100 * v for v in values], [y] * len(values), "o", color="0.6", markersize=3)
+            ax.errorbar(100 * mean, y, xerr=None if half is None else 100 * half, fmt="s", color="C0",
+                        markersize=5, capsize=3)
+        if reference is not None:
+            ax.axvline(100 * reference, color="0.3", linestyle="--", linewidth=0.8)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(axis="x", linewidth=0.3)
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[0][0].invert_yaxis()  # the first row on top, as in the tables
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -799,6 +799,42 @@ def plots(records, out):
         if loss_curves:
             plotting.plot_loss_curves(loss_curves, out / f"study_loss_{task}.png",
                                       f"MiniLM on {task}: each method at its chosen setting, mean of seeds 1-5")
+    if "goat" in records.chosen:  # GOAT's experts are SVD segments, the same on every seed: a mean over seeds means something
+        for task in TASKS:
+            runs = [records.record("seeds", task, "goat", records.chosen["goat"], s) for s in REPORT_SEEDS]
+            loads = [r["expert_load"] for r in runs if r and r["status"] == "ok" and r.get("expert_load")]
+            if loads:
+                mean = {layer: [statistics.mean(load[layer][i] for load in loads) for i in range(len(values))]
+                        for layer, values in loads[0].items()}
+                plotting.plot_expert_load([{"expert_load": mean}], out / f"study_expert_load_{task}.png",
+                                          f"GOAT on {task}, mean of {len(loads)} seed(s):")
+    headline = {TASK_NAMES[t]: ({x: with_interval(records.headline_scores(x).get(t, {}).values())
+                                 for x in ["head only"] + [x for x in METHODS if x in records.chosen]},
+                                None) for t in TASKS}  # the majority class would squeeze the methods' range
+    if any(values for rows, _ in headline.values() for values, _ in rows.values()):
+        plotting.plot_intervals(headline, out / "study_headline.png", "Each method at its chosen setting: seeds "
+                                "1-5 (dots), mean and 95% interval", "dev metric x100")
+    adam_lr = records.chosen.get("goat (Adam s)")
+    if adam_lr is not None:
+        variants = {**ABLATIONS, **EXPERT_COUNTS}
+        differences = {}
+        for task in TASKS:
+            reference = records.dev("seeds", task, "goat (Adam s)", adam_lr, LATER_SEEDS)
+            rows = {}
+            for label in variants:
+                part = "experts" if label in EXPERT_COUNTS else "ablation"
+                scores = records.dev(part, task, label, adam_lr, LATER_SEEDS)
+                rows[label] = with_interval([scores[s] - reference[s] for s in scores if s in reference])
+            differences[TASK_NAMES[task]] = (rows, 0.0)
+        if any(values for rows, _ in differences.values() for values, _ in rows.values()):
+            plotting.plot_intervals(differences, out / "study_ablations.png", "Each variant minus GOAT with the Adam "
+                                    "scale, paired by seed (1-3): dots, mean and 95% interval", "difference x100")
+
+
+def with_interval(values):
+    """(values, half-width of their 95% t interval, or None) for plots.plot_intervals."""
+    values = list(values)
+    return values, t_interval(values)[1] if values else None
 
 
 def main(argv=None):

@@ -95,6 +95,7 @@ def test_report_from_result_files_alone(tmp_path, monkeypatch):
     for record in results.values():
         if record["label"] == "goat":
             record["dev"] += 0.02
+        record["expert_load"] = {"encoder.0.query": [0.75, 0.25]}
     (tmp_path / "study" / "runs").mkdir(parents=True)
     (tmp_path / "study" / "code.json").write_text('{"commit": "abc"}')
     for record in results.values():
@@ -109,7 +110,8 @@ def test_report_from_result_files_alone(tmp_path, monkeypatch):
     assert lora_row.count("+2.0 [+2.0, +2.0]") == 3, lora_row  # exact, a zero-width interval, every task
     assert "| goat | 1 | 1 | 1 | 1.00 |" in text  # first on every task
     assert "every part of the plan has run" in text
-    assert (tmp_path / "study_lr_sweep.png").exists() and (tmp_path / "study_loss_sst2.png").exists()
+    for plot in ("lr_sweep", "loss_sst2", "headline", "ablations", "expert_load_cola"):
+        assert (tmp_path / f"study_{plot}.png").exists(), plot
 
 
 def test_a_task_whose_validation_and_dev_order_methods_differently_is_named(monkeypatch):
