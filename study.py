@@ -39,7 +39,11 @@ found in them: docs/study-round1.md):
   written as 1.66 and 2.4, an arithmetic slip mended before any seed 1-5 run). A
   smaller difference is "not detected", not "equal". The report also says whether
   each task's validation split orders the methods as its dev set does (added with the
-  first method runs, before any seed 1-5 run). A run that diverges (headline, ablation
+  first method runs, before any seed 1-5 run). Where a pair is ordered differently
+  beyond noise, that task's split was too small to choose on: the README says so next
+  to its results, and a later round enlarges the split or replaces the task (this
+  round's compute allows no second tuning; stated when at most 2 of each method's 5
+  seeds had run, before the comparison could be computed). A run that diverges (headline, ablation
   or sweep) counts as the majority class's metric, so no mean is taken over a method's
   good seeds alone; the tables say how many diverged.
 - train.py's defaults, decided on seeds 1-5 by this rule: each method's default is its
