@@ -81,7 +81,7 @@ def plot_lr_sweeps(sweeps, path):
 
 def plot_intervals(panels, path, title, xlabel):
     """One panel per task, one row per method or variant: each seed's value a dot, the
-    mean a bar with its 95% interval. panels: {panel title: (rows, reference)}; rows:
+    mean an open square with its 95% interval, n at the right. panels: {panel title: (rows, reference)}; rows:
     {label: (values, interval half-width or None)}; reference: the x of a dashed line
     (the majority class, or 0 for differences), or None."""
     labels = list(dict.fromkeys(label for rows, _ in panels.values() for label in rows))
@@ -93,9 +93,10 @@ def plot_intervals(panels, path, title, xlabel):
                 continue
             values, half = rows[label]
             mean = sum(values) / len(values)
-            ax.plot([100 * v for v in values], [y] * len(values), "o", color="0.6", markersize=3)
             ax.errorbar(100 * mean, y, xerr=None if half is None else 100 * half, fmt="s", color="C0",
-                        markersize=5, capsize=3)
+                        markerfacecolor="none", markersize=6, capsize=3)
+            ax.plot([100 * v for v in values], [y] * len(values), "o", color="0.35", markersize=3)
+            ax.text(1.01, y, f"n={len(values)}", transform=ax.get_yaxis_transform(), fontsize=6, va="center")
         if reference is not None:
             ax.axvline(100 * reference, color="0.3", linestyle="--", linewidth=0.8)
         ax.set_title(panel, fontsize=9)

@@ -40,8 +40,9 @@ found in them: docs/study-round1.md):
   smaller difference is "not detected", not "equal". The report also says whether
   each task's validation split orders the methods as its dev set does (added with the
   first method runs, before any seed 1-5 run). Where a pair is ordered differently
-  beyond noise, that task's split was too small to choose on: the README says so next
-  to its results, and a later round enlarges the split or replaces the task (this
+  beyond noise, that task's choices cannot be trusted (its split too small or its
+  schedule too short to choose on): the README says so next to its results, and a
+  later round enlarges the split, lengthens the schedule or replaces the task (this
   round's compute allows no second tuning; stated when at most 2 of each method's 5
   seeds had run, before the comparison could be computed). A run that diverges (headline, ablation
   or sweep) counts as the majority class's metric, so no mean is taken over a method's
@@ -803,21 +804,20 @@ def plots(records, out):
         if loss_curves:
             plotting.plot_loss_curves(loss_curves, out / f"study_loss_{task}.png",
                                       f"MiniLM on {task}: each method at its chosen setting, mean of seeds 1-5")
-    if "goat" in records.chosen:  # GOAT's experts are SVD segments, the same on every seed: a mean over seeds means something
+    if "goat" in records.chosen:  # one seed's: the seeds' maps barely correlate, and a mean would look even
         for task in TASKS:
             runs = [records.record("seeds", task, "goat", records.chosen["goat"], s) for s in REPORT_SEEDS]
-            loads = [r["expert_load"] for r in runs if r and r["status"] == "ok" and r.get("expert_load")]
-            if loads:
-                mean = {layer: [statistics.mean(load[layer][i] for load in loads) for i in range(len(values))]
-                        for layer, values in loads[0].items()}
-                plotting.plot_expert_load([{"expert_load": mean}], out / f"study_expert_load_{task}.png",
-                                          f"GOAT on {task}, mean of {len(loads)} seed(s):")
+            run = next((r for r in runs if r and r["status"] == "ok" and r.get("expert_load")), None)
+            if run:
+                plotting.plot_expert_load([run], out / f"study_expert_load_{task}.png",
+                                          f"GOAT (lr {run['lr']:g}) on {task}, seed {run['seed']}, last training batch:")
     headline = {TASK_NAMES[t]: ({x: with_interval(records.headline_scores(x).get(t, {}).values())
                                  for x in ["head only"] + [x for x in METHODS if x in records.chosen]},
                                 None) for t in TASKS}  # the majority class would squeeze the methods' range
     if any(values for rows, _ in headline.values() for values, _ in rows.values()):
-        plotting.plot_intervals(headline, out / "study_headline.png", "Each method at its chosen setting: seeds "
-                                "1-5 (dots), mean and 95% interval", "dev metric x100")
+        plotting.plot_intervals(headline, out / "study_headline.png", "Each method at its chosen setting: each seed "
+                                "(dots; diverged: the majority class), mean and 95% interval\n(methods share seeds: "
+                                "compare them by the paired differences in results/study.md)", "dev metric x100")
     adam_lr = records.chosen.get("goat (Adam s)")
     if adam_lr is not None:
         variants = {**ABLATIONS, **EXPERT_COUNTS}

@@ -114,6 +114,26 @@ def test_report_from_result_files_alone(tmp_path, monkeypatch):
         assert (tmp_path / f"study_{plot}.png").exists(), plot
 
 
+def test_the_plots_of_a_study_half_run(tmp_path, monkeypatch):
+    """Mid-study: one seed for some rows, a diverged run, the Adam row chosen before any
+    ablation has run. The headline and expert load are drawn; the ablations wait."""
+    monkeypatch.setattr(study, "METHODS", {k: study.METHODS[k] for k in ("lora", "goat", "goat (Adam s)")})
+    results = {}
+    for _ in range(6):  # tuning only: the seeds are due, none has run
+        for run in study.plan(results)[0]:
+            if run.part in ("head", "tune") and run.id not in results:
+                results[run.id] = fake_result(run, score(run))
+    due = [r for r in study.plan(results)[0] if r.part == "seeds"]
+    assert due and not any(r.part == "ablation" for r in study.plan(results)[0] if r.id in results)
+    for run in due:
+        if run.seed == 1 or (run.seed == 2 and run.label == "goat"):
+            results[run.id] = fake_result(run, score(run), status="diverged" if run.label == "lora" else "ok")
+            results[run.id]["expert_load"] = {"encoder.0.query": [0.75, 0.25]}
+    study.plots(study.Records(results), tmp_path)
+    assert (tmp_path / "study_headline.png").exists() and (tmp_path / "study_expert_load_cola.png").exists()
+    assert not (tmp_path / "study_ablations.png").exists()
+
+
 def test_a_task_whose_validation_and_dev_order_methods_differently_is_named(monkeypatch):
     """On CoLA GOAT trails LoRA on validation by 1 point and leads it on dev by 2 at
     every seed: the pair is named, beyond noise; where they tie, nothing is."""
