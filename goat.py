@@ -705,12 +705,18 @@ class _AutocastInput(torch.autograd.Function):
         return grad_x, None, grad_A, grad_router, None, None
 
 
+# torch < 2.4's is_autocast_enabled takes no device. Decided here, not by catching the
+# TypeError: torch.compile (2.2) turns that error into one of its own.
+_AUTOCAST_TAKES_DEVICE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+
+
 def _autocast_dtype(device_type):
     """The autocast dtype in effect on this device, or None (works on torch 2.2 to 2.13+)."""
     try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument
-        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+        if _AUTOCAST_TAKES_DEVICE:
+            enabled = torch.is_autocast_enabled(device_type)
+        else:
+            enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
     except RuntimeError:  # a device type without autocast (meta, ...)
         return None
     if not enabled:

@@ -96,14 +96,20 @@ def start(args):
         args.dtype = "bfloat16" if kind == "cuda" else "float32"
     if args.fsdp and args.dtype == "float16":
         raise SystemExit("--fsdp with --dtype=float16 is not supported (its loss scaling is per process); use bfloat16")
-    if args.fsdp and kind == "cuda" and args.dtype == "bfloat16" \
-            and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 8):
+    if args.fsdp and kind == "cuda" and args.dtype == "bfloat16" and torch_older_than(2, 8):
         raise SystemExit(f"--fsdp with a bf16 base needs torch >= 2.8 (one FSDP group then holds the frozen bf16 "
                          f"base and the float32 adapters; pytorch#154103); this is {torch.__version__}")
     if args.fsdp and "RANK" not in os.environ:
         print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
         env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
+    if args.fsdp and kind == "cpu" and torch_older_than(2, 7):  # every process has the same flags and torch: all stop
+        raise SystemExit(f"--fsdp on CPUs needs torch >= 2.7 (FSDP2 records events on the CPU stream, which torch "
+                         f"2.6 lacks: pytorch#145935); this is {torch.__version__}. Use DDP (no --fsdp) or a newer torch")
     return env
+
+
+def torch_older_than(major, minor):
+    return tuple(int(x) for x in torch.__version__.split(".")[:2]) < (major, minor)
 
 
 def meet_on_one_kind_of_device(env, kind):

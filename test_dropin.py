@@ -506,7 +506,8 @@ class GOATBlocks(nn.Module):
         return x
 
 
-@pytest.mark.skipif(not hasattr(getattr(torch, "_dynamo", None), "explain"), reason="no torch._dynamo.explain")
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
+                    reason="torch < 2.6 compiles each GOATLinear as a graph of its own (2.2.2, 2.4.1 measured)")
 @pytest.mark.parametrize("autocast", [False, True])
 def test_training_forward_traces_without_graph_breaks(autocast):
     """--compile: one graph for the training forward and its balance loss (dropout on), in
@@ -608,6 +609,8 @@ def test_fully_shard_shards_the_initial_factors_and_the_adapter_gathers_them():
         pytest.skip("no FSDP2 in this torch")
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("needs torch.distributed and no process group yet")
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 7):
+        pytest.skip("FSDP2 on CPUs needs torch >= 2.7 (pytorch#145935)")
     model = wrapped_nanogpt()
     expected = goat.goat_state_dict(model)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

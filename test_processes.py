@@ -26,6 +26,9 @@ import train
 from conftest import HERE, read_losses, read_result, run_script
 from test_robust import sst2
 
+# FSDP2 on CPUs (gloo) needs torch 2.7 (train.py refuses it before; tested above)
+cpu_fsdp = pytest.mark.skipif(processes.torch_older_than(2, 7), reason="FSDP2 on CPUs needs torch >= 2.7")
+
 
 def torchrun(argv, nproc=2):
     return run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -82,6 +85,33 @@ def test_processes_start_on_a_gpu_with_an_indexed_device(device, local_rank, exp
         processes.start(flags.parse_args(["--device=cuda:1"]))
 
 
+@pytest.mark.parametrize("version,kind,argv,match", [
+    ("2.6.0", "cpu", ["--fsdp"], "--fsdp on CPUs needs torch >= 2.7"),
+    ("2.7.1", "cuda", ["--fsdp"], "--fsdp with a bf16 base needs torch >= 2.8"),
+    ("2.7.1", "cpu", ["--fsdp"], None), ("2.6.0", "cpu", [], None), ("2.13.0", "cuda", ["--fsdp"], None)])
+def test_fsdp_on_a_torch_too_old_for_it_stops_every_process_before_training(version, kind, argv, match, monkeypatch):
+    """torch 2.6's FSDP2 fails on CPUs at the first forward with an AttributeError; every
+    process (same flags, same torch: checked first) stops at set-up with the reason."""
+    if kind == "cuda":
+        fake_cuda(monkeypatch)
+    monkeypatch.setattr(processes.torch, "__version__", version)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    store = DictStore({f"device kind {rank}": kind.encode() for rank in range(2)})
+    monkeypatch.setattr(processes.dist, "rendezvous", lambda *a: iter([(store, 0, 2)]))
+    monkeypatch.setattr(processes.dist, "PrefixStore", lambda prefix, store: store)
+    monkeypatch.setattr(processes.dist, "init_process_group", lambda backend, **kw: None)
+    monkeypatch.setattr(processes.dist, "new_group", lambda backend: "control")
+    monkeypatch.setattr(processes, "same_everywhere", lambda *a, **k: None)
+    args = flags.parse_args([f"--device={kind}", *argv])
+    if match:
+        with pytest.raises(SystemExit, match=match):
+            processes.start(args)
+    else:
+        assert processes.start(args).fsdp == bool(argv)
+
+
 def test_bad_devices_are_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what a CPU-only build or a hidden GPU says
     for device, match in (("xyz", "--device=xyz is not a device"), ("meta", "runs on cpu or cuda"),
@@ -136,6 +166,7 @@ def test_ddp_dropout_streams_differ_per_process_and_a_preempted_run_resumes(tiny
         train.main(sst2(tiny_bert_dir, cut, glue_dir, *flags_, "--resume", "--batch_size=8"))
 
 
+@cpu_fsdp
 def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path):
     """Same global batch, same result. The balance loss is off: it is computed on each
     process's micro-batch (a product of two means, not linear in the batch), so with it
@@ -160,6 +191,7 @@ def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path)
     assert metrics["dev"] == read_result(tmp_path / "fsdp")["metrics"]["dev"]
 
 
+@cpu_fsdp
 @pytest.mark.parametrize("method", ["goat", "full"])
 def test_fsdp_checkpoints_on_rank_0_and_a_preempted_run_resumes(method, tiny_bert_dir, glue_dir, tmp_path):
     """Under FSDP the whole state is gathered on rank 0 alone (cpu_offload), and a resume
@@ -175,6 +207,7 @@ def test_fsdp_checkpoints_on_rank_0_and_a_preempted_run_resumes(method, tiny_ber
     assert read_result(cut)["metrics"] == read_result(whole)["metrics"]
 
 
+@cpu_fsdp
 def test_fsdp_with_a_bf16_base_under_autocast(tiny_bert_dir, glue_dir, tmp_path):
     """The CUDA default (bf16 frozen base, float32 adapters, bf16 autocast) sharded over two
     CPU processes: one FSDP group holds both dtypes, and the memory-saving autocast path
