@@ -92,6 +92,9 @@ def start(args):
                     "give every node the same command, and the same --adapter file",
                     lambda ours, theirs: "; ".join(flags.differences(ours, theirs, sorted(ours))))
     same_everywhere(env, torch.__version__, "run different torch versions", "install the same torch on every node")
+    if torch_older_than(2, 7):  # checked once every process is known to run the same torch: all stop together
+        raise SystemExit(f"train.py needs torch >= 2.7 (DDP's init_sync, FSDP2 on CPUs; requirements.txt); this is "
+                         f"{torch.__version__}. goat.py alone runs on torch 2.2 and later")
     if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
         args.dtype = "bfloat16" if kind == "cuda" else "float32"
     if args.fsdp and args.dtype == "float16":
@@ -102,9 +105,6 @@ def start(args):
     if args.fsdp and "RANK" not in os.environ:
         print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
         env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
-    if args.fsdp and kind == "cpu" and torch_older_than(2, 7):  # every process has the same flags and torch: all stop
-        raise SystemExit(f"--fsdp on CPUs needs torch >= 2.7 (FSDP2 records events on the CPU stream, which torch "
-                         f"2.6 lacks: pytorch#145935); this is {torch.__version__}. Use DDP (no --fsdp) or a newer torch")
     return env
 
 

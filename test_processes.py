@@ -26,9 +26,6 @@ import train
 from conftest import HERE, read_losses, read_result, run_script
 from test_robust import sst2
 
-# FSDP2 on CPUs (gloo) needs torch 2.7 (train.py refuses it before; tested above)
-cpu_fsdp = pytest.mark.skipif(processes.torch_older_than(2, 7), reason="FSDP2 on CPUs needs torch >= 2.7")
-
 
 def torchrun(argv, nproc=2):
     return run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -86,12 +83,12 @@ def test_processes_start_on_a_gpu_with_an_indexed_device(device, local_rank, exp
 
 
 @pytest.mark.parametrize("version,kind,argv,match", [
-    ("2.6.0", "cpu", ["--fsdp"], "--fsdp on CPUs needs torch >= 2.7"),
+    ("2.6.0", "cpu", [], "train.py needs torch >= 2.7"),
     ("2.7.1", "cuda", ["--fsdp"], "--fsdp with a bf16 base needs torch >= 2.8"),
-    ("2.7.1", "cpu", ["--fsdp"], None), ("2.6.0", "cpu", [], None), ("2.13.0", "cuda", ["--fsdp"], None)])
-def test_fsdp_on_a_torch_too_old_for_it_stops_every_process_before_training(version, kind, argv, match, monkeypatch):
-    """torch 2.6's FSDP2 fails on CPUs at the first forward with an AttributeError; every
-    process (same flags, same torch: checked first) stops at set-up with the reason."""
+    ("2.7.1", "cpu", ["--fsdp"], None), ("2.13.0", "cuda", ["--fsdp"], None)])
+def test_a_torch_too_old_stops_every_process_at_set_up(version, kind, argv, match, monkeypatch):
+    """On torch 2.6 DDP fails at the wrap (no init_sync) and FSDP2 on CPUs at the first
+    forward; every process (same flags, same torch: checked first) stops at set-up."""
     if kind == "cuda":
         fake_cuda(monkeypatch)
     monkeypatch.setattr(processes.torch, "__version__", version)
@@ -166,7 +163,6 @@ def test_ddp_dropout_streams_differ_per_process_and_a_preempted_run_resumes(tiny
         train.main(sst2(tiny_bert_dir, cut, glue_dir, *flags_, "--resume", "--batch_size=8"))
 
 
-@cpu_fsdp
 def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path):
     """Same global batch, same result. The balance loss is off: it is computed on each
     process's micro-batch (a product of two means, not linear in the batch), so with it
@@ -191,7 +187,6 @@ def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path)
     assert metrics["dev"] == read_result(tmp_path / "fsdp")["metrics"]["dev"]
 
 
-@cpu_fsdp
 @pytest.mark.parametrize("method", ["goat", "full"])
 def test_fsdp_checkpoints_on_rank_0_and_a_preempted_run_resumes(method, tiny_bert_dir, glue_dir, tmp_path):
     """Under FSDP the whole state is gathered on rank 0 alone (cpu_offload), and a resume
@@ -207,7 +202,6 @@ def test_fsdp_checkpoints_on_rank_0_and_a_preempted_run_resumes(method, tiny_ber
     assert read_result(cut)["metrics"] == read_result(whole)["metrics"]
 
 
-@cpu_fsdp
 def test_fsdp_with_a_bf16_base_under_autocast(tiny_bert_dir, glue_dir, tmp_path):
     """The CUDA default (bf16 frozen base, float32 adapters, bf16 autocast) sharded over two
     CPU processes: one FSDP group holds both dtypes, and the memory-saving autocast path

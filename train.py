@@ -217,12 +217,12 @@ def load_data(args):
         from transformers import AutoImageProcessor
         try:
             processor = AutoImageProcessor.from_pretrained(model)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a path that is no folder, to older huggingface_hub
             raise SystemExit(f"--model={model}: cannot load its image processor ({str(e)[:300]})") from None
         return task, processor, task.train, partial(data.collate_images, processor=processor)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
-    except OSError as e:  # no such folder or hub id, no network, gated model
+    except (OSError, ValueError) as e:  # no such folder or hub id, no network, gated model
         raise SystemExit(f"--model={model}: cannot load its tokenizer ({str(e)[:300]})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
