@@ -99,7 +99,7 @@ def start(args):
         args.dtype = "bfloat16" if kind == "cuda" else "float32"
     if args.fsdp and args.dtype == "float16":
         raise SystemExit("--fsdp with --dtype=float16 is not supported (its loss scaling is per process); use bfloat16")
-    if args.fsdp and kind == "cuda" and args.dtype == "bfloat16" and torch_older_than(2, 8):
+    if args.fsdp and args.dtype == "bfloat16" and torch_older_than(2, 8):  # on CPUs too (measured on 2.7.1)
         raise SystemExit(f"--fsdp with a bf16 base needs torch >= 2.8 (one FSDP group then holds the frozen bf16 "
                          f"base and the float32 adapters; pytorch#154103); this is {torch.__version__}")
     if args.fsdp and "RANK" not in os.environ:
@@ -363,7 +363,8 @@ def shard(model, param_dtype=None):
     bf16 and frees them after the block, so no bf16 copy of the whole model lives through
     a step (autocast's own copies would be saved for backward, every layer's at once)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    # the model's own and its inner models' (transformers 4 lists them on BertModel, not on its task model)
+    blocks = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or ())}
     if not blocks:
         raise SystemExit("--fsdp: this model names no transformer block class (_no_split_modules) to shard by")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)

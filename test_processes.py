@@ -85,6 +85,7 @@ def test_processes_start_on_a_gpu_with_an_indexed_device(device, local_rank, exp
 @pytest.mark.parametrize("version,kind,argv,match", [
     ("2.6.0", "cpu", [], "train.py needs torch >= 2.7"),
     ("2.7.1", "cuda", ["--fsdp"], "--fsdp with a bf16 base needs torch >= 2.8"),
+    ("2.7.1", "cpu", ["--fsdp", "--dtype=bfloat16"], "--fsdp with a bf16 base needs torch >= 2.8"),
     ("2.7.1", "cpu", ["--fsdp"], None), ("2.13.0", "cuda", ["--fsdp"], None)])
 def test_a_torch_too_old_stops_every_process_at_set_up(version, kind, argv, match, monkeypatch):
     """On torch 2.6 DDP fails at the wrap (no init_sync) and FSDP2 on CPUs at the first
@@ -179,7 +180,7 @@ def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path)
     a, b = load_file(tmp_path / "fsdp" / "adapter.safetensors"), load_file(tmp_path / "one" / "adapter.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
     ckpt = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)  # a whole, unsharded checkpoint
     assert ckpt["step"] == 6 and ckpt["optimizer"]["state"]
     metrics = train.main(sst2(tiny_bert_dir, tmp_path / "eval", glue_dir, "--max_steps=0",
@@ -202,6 +203,7 @@ def test_fsdp_checkpoints_on_rank_0_and_a_preempted_run_resumes(method, tiny_ber
     assert read_result(cut)["metrics"] == read_result(whole)["metrics"]
 
 
+@pytest.mark.skipif(processes.torch_older_than(2, 8), reason="train.py refuses it: --fsdp with a bf16 base needs 2.8")
 def test_fsdp_with_a_bf16_base_under_autocast(tiny_bert_dir, glue_dir, tmp_path):
     """The CUDA default (bf16 frozen base, float32 adapters, bf16 autocast) sharded over two
     CPU processes: one FSDP group holds both dtypes, and the memory-saving autocast path
