@@ -705,9 +705,13 @@ class _AutocastInput(torch.autograd.Function):
         return grad_x, None, grad_A, grad_router, None, None
 
 
-# torch < 2.4's is_autocast_enabled takes no device. Decided here, not by catching the
-# TypeError: torch.compile (2.2) turns that error into one of its own.
-_AUTOCAST_TAKES_DEVICE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+# torch < 2.4's is_autocast_enabled takes no device. Found out once here, not in the
+# forward: torch.compile (2.2) turns the TypeError into an error of its own.
+try:
+    torch.is_autocast_enabled("cpu")
+    _AUTOCAST_TAKES_DEVICE = True
+except TypeError:
+    _AUTOCAST_TAKES_DEVICE = False
 
 
 def _autocast_dtype(device_type):

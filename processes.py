@@ -94,17 +94,19 @@ def start(args):
     same_everywhere(env, torch.__version__, "run different torch versions", "install the same torch on every node")
     if torch_older_than(2, 7):  # checked once every process is known to run the same torch: all stop together
         raise SystemExit(f"train.py needs torch >= 2.7 (DDP's init_sync, FSDP2 on CPUs; requirements.txt); this is "
-                         f"{torch.__version__}. goat.py alone runs on torch 2.2 and later")
+                         f"{torch.__version__}: pip install 'torch>=2.7'. goat.py alone runs on torch 2.2 and later")
     if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
         args.dtype = "bfloat16" if kind == "cuda" else "float32"
     if args.fsdp and args.dtype == "float16":
         raise SystemExit("--fsdp with --dtype=float16 is not supported (its loss scaling is per process); use bfloat16")
-    if args.fsdp and args.dtype == "bfloat16" and torch_older_than(2, 8):  # on CPUs too (measured on 2.7.1)
-        raise SystemExit(f"--fsdp with a bf16 base needs torch >= 2.8 (one FSDP group then holds the frozen bf16 "
-                         f"base and the float32 adapters; pytorch#154103); this is {torch.__version__}")
     if args.fsdp and "RANK" not in os.environ:
         print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
         env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
+    # on CPUs too: torch 2.7.1 stops at the first forward ("FSDP expects uniform original parameter dtype")
+    if args.fsdp and args.dtype == "bfloat16" and torch_older_than(2, 8):
+        raise SystemExit(f"--fsdp with a bf16 base needs torch >= 2.8 (one FSDP group then holds the frozen bf16 "
+                         f"base and the float32 adapters; pytorch#154103); this is {torch.__version__}: "
+                         f"pip install 'torch>=2.8', or run with --dtype=float32")
     return env
 
 
@@ -356,21 +358,24 @@ def enable_grad_checkpointing(model):
 
 
 def shard(model, param_dtype=None):
-    """FSDP2: each transformer block (the model's _no_split_modules), then the rest. A
+    """FSDP2: each block (a module of a class some submodule lists in its _no_split_modules:
+    transformers 4 lists them on the inner model, BertModel, not on its task model; only
+    the outermost where such blocks nest), then the rest. A
     block keeps its frozen bf16 base, its float32 adapters and their frozen initial
     factors together, each sharded; the step runs under autocast as without FSDP.
     param_dtype (full fine-tuning in bf16): FSDP gathers each block's float32 shards as
     bf16 and frees them after the block, so no bf16 copy of the whole model lives through
     a step (autocast's own copies would be saved for backward, every layer's at once)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # the model's own and its inner models' (transformers 4 lists them on BertModel, not on its task model)
     blocks = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or ())}
     if not blocks:
         raise SystemExit("--fsdp: this model names no transformer block class (_no_split_modules) to shard by")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    for module in model.modules():
-        if type(module).__name__ in blocks:
+    sharded = []
+    for name, module in model.named_modules():
+        if name and type(module).__name__ in blocks and not any(name.startswith(s + ".") for s in sharded):
             fully_shard(module, mp_policy=policy)
+            sharded.append(name)
     fully_shard(model, mp_policy=policy)
 
 

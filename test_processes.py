@@ -110,6 +110,43 @@ def test_a_torch_too_old_stops_every_process_at_set_up(version, kind, argv, matc
         assert processes.start(args).fsdp == bool(argv)
 
 
+def test_fsdp_shards_the_outermost_of_nested_blocks_once(monkeypatch):
+    """transformers lists block classes that nest (Musicgen: its decoder layer and the
+    attention inside it) and, before version 5, on the inner model only: each outermost
+    block is sharded once, then the root, never a module inside a sharded one."""
+    import torch.distributed.fsdp as fsdp
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.mlp = Inner(), nn.Linear(4, 4)
+
+    class InnerModel(nn.Module):
+        _no_split_modules = ["Outer", "Inner"]
+
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Outer(), Outer()])
+
+    class TaskModel(nn.Module):
+        _no_split_modules = None  # as transformers 4's task models have it
+
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = InnerModel(), nn.Linear(4, 2)
+
+    model, calls = TaskModel(), []
+    names = {module: name for name, module in model.named_modules()}
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append(names[module]))
+    processes.shard(model)
+    assert calls == ["inner.layers.0", "inner.layers.1", ""]
+
+
 def test_bad_devices_are_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what a CPU-only build or a hidden GPU says
     for device, match in (("xyz", "--device=xyz is not a device"), ("meta", "runs on cpu or cuda"),

@@ -222,7 +222,7 @@ def load_data(args):
         return task, processor, task.train, partial(data.collate_images, processor=processor)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as e:  # no such folder or hub id, no network, gated model
+    except (OSError, ValueError) as e:  # no such folder or hub id (older huggingface_hub: a ValueError), no network
         raise SystemExit(f"--model={model}: cannot load its tokenizer ({str(e)[:300]})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
