@@ -23,10 +23,11 @@ RESUME_FLAGS = ADAPTER_FLAGS + ("model", "adapter", "task", "train_sets", "val_e
 # The schedule and data order: a resume may change them only with --allow_resume_changes.
 SCHEDULE_FLAGS = ("world_size", "global_batch", "seed", "lr", "head_lr", "epochs", "max_steps", "warmup", "max_len",
                   "dtype", "balance_coef", "grad_clip")
-# Round one of study.py (docs/study-round1.md) chose 3e-4 for every LoRA-family baseline and
-# 1e-4 for full fine-tuning (full-moe takes the same); 3e-4 was also its best lr for GOAT at the paper's eta 1 (its
-# best overall, lr 3e-3 with eta 1e-5, would make --lr alone silently move eta). --eta's
-# default never depends on --lr. Round two decides them again.
+# Round one of study.py (docs/study-round1.md) chose 3e-4 for every LoRA-family baseline
+# and 1e-4 for full fine-tuning (full-moe takes the same); 3e-4 was also its best lr for
+# GOAT at the paper's eta 1 (its best overall, lr 3e-3 with eta 1e-5, would make --lr
+# alone silently move eta). --eta's default never depends on --lr. Round two decides
+# them again.
 DEFAULT_LR = {"full": 1e-4, "full-moe": 1e-4}
 
 

@@ -81,9 +81,9 @@ def plot_lr_sweeps(sweeps, path):
 
 def plot_intervals(panels, path, title, xlabel):
     """One panel per task, one row per method or variant: each seed's value a dot, the
-    mean an open square with its 95% interval, n at the right. panels: {panel title: (rows, reference)}; rows:
-    {label: (values, interval half-width or None)}; reference: the x of a dashed line
-    (the majority class, or 0 for differences), or None."""
+    mean an open square with its 95% interval, n at the right. panels: {panel title:
+    (rows, reference)}; rows: {label: (values, interval half-width or None)};
+    reference: the x of a dashed line (0 for differences), or None."""
     labels = list(dict.fromkeys(label for rows, _ in panels.values() for label in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1.5, 0.32 * len(labels) + 1.4),
                              sharey=True, squeeze=False)

@@ -111,6 +111,7 @@ def start(args):
 
 
 def torch_older_than(major, minor):
+    """Whether the running torch is older than major.minor (pre-releases count as their release)."""
     return tuple(int(x) for x in torch.__version__.split(".")[:2]) < (major, minor)
 
 

@@ -22,6 +22,8 @@ import bench
 import goat
 from goat import GOATConfig, GOATLinear
 
+TORCH = tuple(int(v) for v in torch.__version__.split(".")[:2])  # goat.py runs on torch 2.2 and later
+
 
 # --- models written by hand, as users write them ---------------------------------------
 
@@ -506,7 +508,7 @@ class GOATBlocks(nn.Module):
         return x
 
 
-@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
+@pytest.mark.skipif(TORCH < (2, 6),
                     reason="torch < 2.6 compiles each GOATLinear as a graph of its own (2.2.2, 2.4.1 measured)")
 @pytest.mark.parametrize("autocast", [False, True])
 def test_training_forward_traces_without_graph_breaks(autocast):
@@ -609,7 +611,7 @@ def test_fully_shard_shards_the_initial_factors_and_the_adapter_gathers_them():
         pytest.skip("no FSDP2 in this torch")
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("needs torch.distributed and no process group yet")
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 7):
+    if TORCH < (2, 7):
         pytest.skip("FSDP2 on CPUs needs torch >= 2.7 (pytorch#145935)")
     model = wrapped_nanogpt()
     expected = goat.goat_state_dict(model)

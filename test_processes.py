@@ -110,6 +110,17 @@ def test_a_torch_too_old_stops_every_process_at_set_up(version, kind, argv, matc
         assert processes.start(args).fsdp == bool(argv)
 
 
+def test_fsdp_without_torchrun_trains_unsharded_before_any_fsdp_check(monkeypatch, capsys):
+    """One process on a GPU with torch 2.7: --fsdp falls back to plain training, so the
+    bf16-with-FSDP check (torch 2.8) has nothing to refuse."""
+    fake_cuda(monkeypatch)
+    monkeypatch.setattr(processes.torch, "__version__", "2.7.1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    env = processes.start(flags.parse_args(["--device=cuda", "--fsdp"]))
+    assert not env.fsdp and "training unsharded" in capsys.readouterr().out
+
+
 def test_fsdp_shards_the_outermost_of_nested_blocks_once(monkeypatch):
     """transformers lists block classes that nest (Musicgen: its decoder layer and the
     attention inside it) and, before version 5, on the inner model only: each outermost
