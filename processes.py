@@ -70,7 +70,9 @@ def start(args):
     env = Processes(fsdp=args.fsdp)
     if "RANK" in os.environ:
         env.rank, env.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        env.local_rank = int(os.environ.get("LOCAL_RANK", 0))  # a launcher with one process per machine may not set it
+        # torchrun sets LOCAL_RANK; srun starting one process per GPU sets SLURM_LOCALID; a launcher with
+        # one process per machine may set neither
+        env.local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     if kind == "cuda":
         index = torch.device(device).index
         if index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
@@ -260,7 +262,7 @@ def broadcast_tree(env, tree, src=0):
     def fill(shape, node):
         if isinstance(shape, tuple) and len(shape) == 3 and shape[0] == "tensor":
             tensor = node if sender else torch.empty(shape[1], dtype=getattr(torch, shape[2]))
-            moved = tensor.to(env.device)
+            moved = tensor.to(env.device).contiguous()  # NCCL and gloo send contiguous memory only
             dist.broadcast(moved, src=src)
             return node if sender else moved.to("cpu")
         if isinstance(shape, dict):

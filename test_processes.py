@@ -310,7 +310,7 @@ def _two_processes(rank, world, port, results):
     attempt("write", lambda: processes.from_rank0(env, write_fails))
     attempt("data", lambda: processes.same_everywhere(env, {"training examples": 3 + rank}, "read different data",
                                                       "fix"))
-    tree = {"a": torch.arange(6.0).view(2, 3), "b": [torch.tensor([rank]), 7, "x"], "c": (1.5, 2.5)}
+    tree = {"a": torch.arange(6.0).view(2, 3).t(), "b": [torch.tensor([rank]), 7, "x"], "c": (1.5, 2.5)}  # a: strided
     got = processes.broadcast_tree(env, tree if rank == 0 else None)
     outcome["tree"] = (got["a"].tolist(), got["b"][0].tolist(), got["b"][1:], got["c"])
     results[rank] = outcome
@@ -396,7 +396,7 @@ def test_processes_must_hold_the_same_weights_flags_and_data():
         assert results[rank]["write"] == "SystemExit: could not write the checkpoint"  # both stop, none waits
         assert "read different data (process 0: {'training examples': 3}; process 1: {'training examples': 4})" \
             in results[rank]["data"]
-        assert results[rank]["tree"] == ([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], [0], [7, "x"], (1.5, 2.5))
+        assert results[rank]["tree"] == ([[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]], [0], [7, "x"], (1.5, 2.5))
     assert results[1]["together"] == "SystemExit: data: missing on this node"
     assert results[0]["together"] == "SystemExit: process 0 stops: another process failed (see its message)"
     assert results[1]["svd"].startswith("ValueError: 1: SVD segment length")
@@ -569,3 +569,26 @@ def test_a_training_step_has_no_host_sync():
     with HostSyncs() as syncs, pytest.raises(Exception):  # the counter does see a sync
         loss.item()
     assert syncs.calls == ["item"]
+
+
+@pytest.mark.parametrize("method, syncs", [("goat", [False, False, True]), ("full", [True, True, True])])
+def test_fsdp_reduces_a_full_methods_gradients_at_every_micro_step(method, syncs):
+    """FSDP keeps the gradients of a micro-step that skips the reduce-scatter unsharded
+    until the last one: an adapter's are small, a full method's the whole model's on
+    every GPU, which sharding exists to avoid."""
+    class Recorded(TinyLM):
+        def set_requires_gradient_sync(self, value):
+            self.syncs.append(value)
+    torch.manual_seed(0)
+    model = Recorded()
+    model.syncs = []
+    if method == "goat":
+        goat.add_goat(model, goat.GOATConfig(rank=8, experts=4, top_k=2), exclude=("head",))
+    items = [{"input_ids": list(range(i, i + 6)), "labels": list(range(i + 1, i + 7))} for i in range(12)]
+    args = flags.parse_args([f"--method={method}", "--batch_size=4", "--grad_accum=3"])
+    stream = train.micro_batches(train.Batches(items, partial(data.collate, pad_id=0), args, 0, 1, 0, 1), workers=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    train.train_step(model, model, [next(stream) for _ in range(3)], torch.optim.AdamW(params),
+                     torch.amp.GradScaler("cpu", enabled=False), params, args, processes.Processes(fsdp=True),
+                     train.nullcontext())
+    assert model.syncs == syncs

@@ -414,33 +414,71 @@ def test_a_float16_run_resumes_with_its_loss_scale(tiny_bert_dir, glue_dir, tmp_
         json.loads(line, parse_constant=lambda name: pytest.fail(f"metrics.jsonl holds {name}"))
 
 
+class SignalWhenSent(processes.StopSignals):
+    """The stop signals, with SIGTERM "received" once a test sets `sent`."""
+    sent = False
+
+    @property
+    def received(self):
+        return signal.SIGTERM if type(self).sent else None
+
+    @received.setter
+    def received(self, value):
+        pass
+
+
+def calls_to(name, monkeypatch, before=lambda n: None):
+    """A list that grows by one at each call of train.<name>; before(n) runs ahead of the n-th."""
+    calls, real = [], getattr(train, name)
+
+    def counted(*a, **k):
+        calls.append(1)
+        before(len(calls))
+        return real(*a, **k)
+    monkeypatch.setattr(train, name, counted)
+    return calls
+
+
+def sigterm_during(name, call, monkeypatch):
+    """SIGTERM "arrives" during the call-th call of train.<name> (train_step or evaluate)."""
+    SignalWhenSent.sent = False
+    monkeypatch.setattr(processes, "StopSignals", SignalWhenSent)
+    calls_to(name, monkeypatch, lambda n: setattr(SignalWhenSent, "sent", SignalWhenSent.sent or n == call))
+
+
+def stopped_then_resumed(flags_, run, monkeypatch):
+    """(the step of the stopped run's checkpoint, the steps evaluated over both runs)."""
+    with pytest.raises(SystemExit) as stopped:
+        train.main(flags_)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    step = torch.load(run / "ckpt.pt", weights_only=True)["step"]
+    monkeypatch.undo()
+    train.main([*flags_, "--resume"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return step, [row["step"] for row in rows if "eval" in row]
+
+
 def test_a_stop_signal_is_checkpointed_before_any_evaluation(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
     """The grace period after SIGTERM is short: a stop at an --eval_every step writes its
     checkpoint and leaves; the resumed run evaluates that step first, once."""
-    class SignalAtStep3(processes.StopSignals):
-        reads = 0
-
-        @property
-        def received(self):  # read once per step by the loop: SIGTERM arrives during step 3
-            type(self).reads += 1
-            return signal.SIGTERM if type(self).reads >= 3 else None
-
-        @received.setter
-        def received(self, value):
-            pass
-    evaluated = []
-    real_evaluate, real_stop_signals = train.evaluate, processes.StopSignals
-    monkeypatch.setattr(processes, "StopSignals", SignalAtStep3)
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
+    evaluated = calls_to("evaluate", monkeypatch)
+    sigterm_during("train_step", 3, monkeypatch)
     run = tmp_path / "run"
-    with pytest.raises(SystemExit) as stopped:
-        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10", "--eval_every=1"))
-    assert stopped.value.code == 128 + signal.SIGTERM
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 3 and len(evaluated) == 2  # steps 1 and 2
-    monkeypatch.setattr(processes, "StopSignals", real_stop_signals)
-    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10", "--eval_every=1", "--resume"))
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows if "eval" in row] == list(range(1, 10))  # step 3 too, and no step twice
+    step, steps_evaluated = stopped_then_resumed(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10",
+                                                      "--eval_every=1"), run, monkeypatch)
+    assert step == 3 and len(evaluated) == 2  # steps 1 and 2
+    assert steps_evaluated == list(range(1, 10))  # step 3 too, and no step twice
+
+
+def test_a_stop_signal_during_an_evaluation_stops_after_it(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    """A long evaluation (generation on a large model) may leave too little of the grace
+    period for one more step: a signal during step 2's evaluation checkpoints step 2."""
+    sigterm_during("evaluate", 2, monkeypatch)
+    run = tmp_path / "run"
+    step, steps_evaluated = stopped_then_resumed(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10",
+                                                      "--eval_every=1", "--ckpt_every=1000"), run, monkeypatch)
+    assert step == 2  # not 3, a step later
+    assert steps_evaluated == list(range(1, 10))  # step 2 once, before the stop
 
 
 def test_a_resumed_run_evaluates_no_step_twice(tiny_bert_dir, glue_dir, tmp_path):

@@ -121,6 +121,12 @@ def run(args, env, folder):
     routed_layers = sum(isinstance(m, goat.Routed) and m.experts > 1 for m in raw_model.modules())
     t_log, t_loop = time.time(), time.time()
     tokens, skipped = 0, []
+
+    def checked(done, task_loss, balance, grad_norm):  # the one host sync, on logging and checkpoint steps only
+        values = processes.mean_over_processes(env, [task_loss, balance, grad_norm.float(), health.flag()])
+        health.check(done, values, args, scaler.is_enabled())  # never save a bad state over a good one
+        return values  # the means over processes
+
     try:
         for step in range(start_step, max_steps):
             for group in optimizer.param_groups:
@@ -137,9 +143,8 @@ def run(args, env, folder):
             stopping = processes.any_rank(env, stop.received is not None)
             logging = done % args.log_every == 0 or done == max_steps or done == start_step + 1
             saving = done % args.ckpt_every == 0 or done == max_steps or stopping
-            if logging or saving:  # the one host sync, on logging and checkpoint steps only
-                values = processes.mean_over_processes(env, [task_loss, balance, grad_norm.float(), health.flag()])
-                health.check(done, values, args, scaler.is_enabled())  # never save a bad state over a good one
+            if logging or saving:
+                values = checked(done, task_loss, balance, grad_norm)
             if logging and env.master:
                 now = time.time()
                 task_loss_, balance_, grad_norm_ = values[:3]
@@ -154,6 +159,12 @@ def run(args, env, folder):
                 tokens, t_log = 0, now
             if evaluation_due(done) and not stopping:  # if stopping, the resumed run evaluates first
                 evaluate_and_log(done)
+                # a signal during a long evaluation (generation on a large model) stops the run here, not
+                # a step later: the scheduler's grace period may not last another step
+                stopping = processes.any_rank(env, stop.received is not None)
+                if stopping and not saving:
+                    checked(done, task_loss, balance, grad_norm)
+                    saving = True
             if saving:
                 run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
             if stopping and done < max_steps:
@@ -370,8 +381,9 @@ def train_step(model, raw_model, batches, optimizer, scaler, params, args, env, 
         tokens += int(count) * env.world  # counted on the CPU: no device sync
         batch = {k: v.to(env.device, non_blocking=True) for k, v in cpu_batch.items()}
         last = micro == len(batches) - 1
-        if env.fsdp:
-            model.set_requires_gradient_sync(last)
+        if env.fsdp:  # a micro-step that skips the reduce-scatter keeps its gradients unsharded: small for
+            # adapters, for full fine-tuning the whole model's on every GPU, so full methods reduce every time
+            model.set_requires_gradient_sync(last or args.method.startswith("full"))
         # DDP all-reduces on the last micro-step only
         with (model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()):
             with autocast:  # backward runs outside: autocast's cached low-precision weights go with their layers
