@@ -15,10 +15,10 @@ The rule for train.py's --head_lr default, the study's own selection rule with t
 (head, task) pairs in place of the tasks: a rate's score on a pair is (metric -
 majority) / (best rate's metric - majority), its worst pair decides (ties: the mean);
 pairs where no rate beats the majority class by a point tell nothing and are left out.
-It was written after a first run of this probe on SST-2 alone had shown the two-layer
-heads falling at 0.3, and before any other task ran. The probe leaves the encoder
-frozen: in training the encoder's features move under the head, which the study's runs
-measure and this does not.
+It was written after a first run of this probe on SST-2 alone (scored on its dev set)
+had shown the two-layer heads falling at 0.3, before any other task ran. The probe
+leaves the encoder frozen: in training the encoder's features move under the head,
+which the study's runs measure and this does not.
 
     python head_rate.py                  # about 5 minutes on one CPU thread
     python head_rate.py --report_only    # results/head_rate.md from results/head_rate.json

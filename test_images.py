@@ -72,7 +72,7 @@ def tiny_clip_dir(tmp_path_factory):
 
 def images(model_dir, out, image_dir, *extra):
     return [f"--model={model_dir}", f"--out_dir={out}", "--task=images", f"--data_dir={image_dir}", "--rank=8",
-            "--experts=4", "--batch_size=16", "--lr=1e-2", "--warmup=2", "--log_every=1", *extra]
+            "--experts=4", "--batch_size=16", "--lr=1e-2", "--head_lr=1e-2", "--warmup=2", "--log_every=1", *extra]
 
 
 def test_the_image_folder_layout_parses(image_dir, tmp_path):

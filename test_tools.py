@@ -367,3 +367,24 @@ def test_align_keeps_its_record_when_the_full_moe_itself_diverges(tiny_bert_dir,
         torch.set_num_threads(threads)
     record = json.loads((tmp_path / "align" / "sgd_s0.json").read_text())
     assert record["full_moe_diverged_at"] is not None and len(record["rows"]) == record["full_moe_diverged_at"] - 1
+
+
+def test_the_head_rate_is_the_one_no_head_type_loses_much_at():
+    """head_rate.py's rule: the worst (head, task) pair decides, so a rate that one head
+    type collapses at loses even where another scores its best; a pair no rate lifts a
+    point above the majority class is left out."""
+    import head_rate
+
+    def records(curves):  # {(head, task): {lr: metric}}; majority 0.5, the same score on every seed
+        return [{"head": h, "task": t, "lr": lr, "val": [v] * 3, "majority": 0.5}
+                for (h, t), curve in curves.items() for lr, v in curve.items()]
+    rates = head_rate.RATES
+    linear = {lr: 0.5 + 0.3 * i / (len(rates) - 1) for i, lr in enumerate(rates)}  # best at the largest rate
+    two_layer = {lr: 0.8 if lr <= 3e-2 else 0.5 for lr in rates}  # falls to the majority above 3e-2
+    rate, relative = head_rate.choose(records({("linear", "a"): linear, ("mlp", "a"): two_layer}))
+    assert rate == 3e-2 and relative[("mlp", "a")][0.1] == 0.0
+    rate, _ = head_rate.choose(records({("linear", "a"): linear}))
+    assert rate == rates[-1]  # alone, the linear head's best
+    flat = {lr: 0.505 for lr in rates}  # never a point above the majority: tells nothing
+    rate, relative = head_rate.choose(records({("linear", "a"): linear, ("mlp", "b"): flat}))
+    assert rate == rates[-1] and ("mlp", "b") not in relative

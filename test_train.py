@@ -360,7 +360,7 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_bert_d
 @pytest.mark.parametrize("method", ["goat", "lora", "full"])
 def test_saved_adapter_reproduces_the_metric_on_a_pristine_model(method, tiny_bert_dir, glue_dir, tmp_path):
     flags = ["--task=sst2", f"--data_dir={glue_dir}", f"--method={method}", "--rank=8", "--experts=4",
-             "--batch_size=16", "--lr=1e-2", "--warmup=2"]
+             "--batch_size=16", "--lr=1e-2", "--head_lr=1e-2", "--warmup=2"]
     trained = train.main(common(tiny_bert_dir, tmp_path / "trained", *flags, "--max_steps=60"))
     reloaded = train.main(common(tiny_bert_dir, tmp_path / "reloaded", *flags, "--max_steps=0",
                                  f"--adapter={tmp_path / 'trained'}"))

@@ -99,7 +99,7 @@ def run(args, env, folder):
     params = [p for p in raw_model.parameters() if p.requires_grad]  # after wrapping: FSDP replaces them by shards
     head = {id(p) for p in head_parameters(raw_model, heads).values()}
     groups = [{"params": [p for p in params if id(p) not in head], "peak_lr": args.lr},
-              {"params": [p for p in params if id(p) in head], "peak_lr": args.head_lr or args.lr}]
+              {"params": [p for p in params if id(p) in head], "peak_lr": args.head_lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=0.0)
     start_step = run_folder.restore(folder, resume, raw_model, optimizer, scaler, env, full) if resume else 0
     resumed_step_evaluated = processes.from_rank0(env, lambda: run_folder.start_records(
