@@ -9,7 +9,7 @@ features (as the study's head-only control, without the encoder's forward each s
 with train.py's optimizer and schedule (AdamW without weight decay, 6% warmup then
 cosine, clipping at 1, batch 32, 3 epochs, dropout 0.1, weights drawn with the model's
 initializer_range), at every rate of the study's ladder from 1e-4 to 1, seeds 1-3,
-scored on each task's validation split (the dev sets are not read).
+scored on each task's validation split (the dev sets are never scored).
 
 The rule for train.py's --head_lr default, the study's own selection rule with the
 (head, task) pairs in place of the tasks: a rate's score on a pair is (metric -
@@ -46,7 +46,7 @@ HEADS = {"linear on the pooler (BERT)": "pooler", "dense, tanh, dense (RoBERTa)"
 def features(task, tokenizer, encoder, max_len=128):
     """{split: (first-token states, pooler outputs, labels)} of the frozen encoder."""
     out = {}
-    for split, examples in [("train", task.train), *task.evals.items()]:
+    for split, examples in [("train", task.train), ("val", task.evals["val"])]:  # the dev set is never scored
         first, pooled = [], []
         with torch.no_grad():
             for i in range(0, len(examples), 64):

@@ -56,7 +56,8 @@ found in them: docs/study-round1.md):
   further); GOAT's default scaling is the Adam scale if its paired intervals against
   the paper's scale, each at its chosen rate, lie above 0 on at least one task and
   below 0 on none, else the paper's, at that row's default rate; --head_lr's default
-  is the shared head rate. (What a collapse leads to, and a diverged run's score, were
+  is the shared head rate (later overruled: head_rate.py found two-layer heads, unlike
+  the study's, falling at that rate; train.py takes 3e-2). (What a collapse leads to, and a diverged run's score, were
   added after a review found the rule silent on both, when 3 seed 1 runs had finished,
   GOAT's at the paper scale, none collapsed, and before any other.)
 - After the headline: ablations of GOAT's parts (seeds 1-3, every task) under the Adam
@@ -715,7 +716,8 @@ def defaults(records):
         lines.append(f"- GOAT's default scaling: {verdict} {lr} (Adam minus paper at their chosen rates: intervals "
                      f"above 0 on {above} task(s), below 0 on {below})")
     if "head" in records.chosen:
-        lines.append(f"- --head_lr: {records.chosen['head']:g}")
+        lines.append(f"- --head_lr: {records.chosen['head']:g} by this rule; train.py's default is 3e-2 instead "
+                     "(two-layer heads fall at the study's rate: results/head_rate.md)")
     return "\n".join(lines)
 
 

@@ -242,7 +242,7 @@ def test_fsdp_checkpoints_on_rank_0_and_a_preempted_run_resumes(method, tiny_ber
     sends it from rank 0 into the shards (an adapter is rebuilt before sharding, a full
     model's weights go into them); the resumed run ends where an uninterrupted one does."""
     flags_ = [f"--method={method}", "--lr=1e-3", "--batch_size=4", "--balance_coef=0", "--fsdp", "--max_steps=16",
-              "--lora_dropout=0"]
+              "--lora_dropout=0", "--grad_accum=2"]  # full: gradients reduce-scattered at every micro-step
     whole, cut = preempted_and_resumed(sst2(tiny_bert_dir, tmp_path / "@", glue_dir, *flags_), tmp_path)
     ckpt = torch.load(whole / "ckpt.pt", weights_only=True)
     assert "classifier.weight" in ckpt["model"] or "head.classifier.weight" in ckpt["model"]

@@ -481,6 +481,25 @@ def test_a_stop_signal_during_an_evaluation_stops_after_it(tiny_bert_dir, glue_d
     assert steps_evaluated == list(range(1, 10))  # step 2 once, before the stop
 
 
+def test_a_stop_during_an_evaluation_never_checkpoints_a_bad_step(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    """The stop after an evaluation checks the step's health first, as every checkpoint
+    does: a NaN at step 2 (no logging step) stops the run there, and nothing is saved."""
+    real = train.train_step
+
+    def nan_at_step_2(*a, **k):
+        nan_at_step_2.calls += 1
+        loss, *rest = real(*a, **k)
+        return (loss * float("nan") if nan_at_step_2.calls == 2 else loss), *rest
+    nan_at_step_2.calls = 0
+    sigterm_during("evaluate", 2, monkeypatch)
+    monkeypatch.setattr(train, "train_step", nan_at_step_2)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit, match="NaN or infinite at step 2"):
+        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10", "--eval_every=1", "--log_every=5",
+                        "--ckpt_every=1000"))
+    assert not (run / "ckpt.pt").exists()
+
+
 def test_a_resumed_run_evaluates_no_step_twice(tiny_bert_dir, glue_dir, tmp_path):
     """Killed after a checkpoint whose step was evaluated (the evaluation comes first):
     the resumed run goes on from there without evaluating that step again."""

@@ -388,3 +388,6 @@ def test_the_head_rate_is_the_one_no_head_type_loses_much_at():
     flat = {lr: 0.505 for lr in rates}  # never a point above the majority: tells nothing
     rate, relative = head_rate.choose(records({("linear", "a"): linear, ("mlp", "b"): flat}))
     assert rate == rates[-1] and ("mlp", "b") not in relative
+    import flags
+    recorded = json.loads((study.HERE / "results" / "head_rate.json").read_text())["records"]
+    assert head_rate.choose(recorded)[0] == flags.HEAD_LR  # train.py's default is the committed probe's choice

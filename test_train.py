@@ -3,8 +3,9 @@ configs (no download): every method learns, parsing and metrics against hand
 computations, bad input, DDP on CPU, crash and resume, adapter re-load, and a
 smoke run of the real default when its model package is installed."""
 import json
-import re
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,9 +28,11 @@ from conftest import HERE, NEGATIVE, POSITIVE, SHARED_DATA, common, read_losses,
 def test_every_method_trains_and_its_loss_falls(method, tiny_bert_dir, glue_dir, tmp_path):
     train.main(common(tiny_bert_dir, tmp_path, "--task=sst2", f"--data_dir={glue_dir}", f"--method={method}",
                       "--rank=8", "--experts=4" if method in ("goat", "molora", "full-moe") else "--rank=8",
-                      "--batch_size=16", "--max_steps=120", "--lr=5e-3", "--warmup=2"))
-    losses = read_losses(tmp_path)  # 120 steps: MiLoRA starts with both factors small and is the slowest; after
-    assert len(losses) == 120       # 60 its loss was 0.7 to 0.9 of the start's, on one tiny model or another
+                      "--batch_size=16", "--max_steps=120", "--lr=5e-3", "--head_lr=5e-3", "--warmup=2"))
+    # the head no faster than the method; 120 steps: MiLoRA starts with both factors small and is the
+    # slowest; after 60 its loss was 0.7 to 0.9 of the start's, on one tiny model or another
+    losses = read_losses(tmp_path)
+    assert len(losses) == 120
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
     result = read_result(tmp_path)
     assert result["method"] == method and result["steps"] == 120
@@ -51,6 +54,25 @@ def test_the_head_learns_at_its_own_rate(tiny_bert_dir, glue_dir, tmp_path):
     assert heads and lora_B
     assert max((saved["5e-2"][k] - saved["1e-9"][k]).abs().max() for k in heads) > 1e-2
     assert max(saved[h][k].abs().max() for h in saved for k in lora_B) < 1e-7  # B0 = 0, 3 steps at 1e-9
+
+
+def test_a_head_the_checkpoint_holds_learns_at_lr(tiny_bert_dir, glue_dir, tmp_path):
+    """--head_lr is a fresh head's rate: a classifier the checkpoint already holds (a model
+    fine-tuned before), or one an --adapter brings, is trained in full at --lr."""
+    from safetensors.torch import load_file
+    from transformers import BertForSequenceClassification
+    with_head = tmp_path / "with_head"
+    shutil.copytree(tiny_bert_dir, with_head)
+    BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).save_pretrained(with_head)
+    flags_ = ["--task=sst2", f"--data_dir={glue_dir}", "--method=lora", "--rank=4", "--batch_size=16",
+              "--max_steps=3", "--lr=1e-9", "--head_lr=5e-2", "--warmup=0"]
+    train.main(common(with_head, tmp_path / "run", *flags_))
+    held = BertForSequenceClassification.from_pretrained(with_head).classifier.weight
+    trained = load_file(tmp_path / "run" / "adapter.safetensors")["head.classifier.weight"]
+    assert (trained - held).abs().max() < 1e-6  # 3 steps at 1e-9, not at 5e-2
+    train.main(common(tiny_bert_dir, tmp_path / "more", *flags_, f"--adapter={tmp_path / 'run'}"))
+    again = load_file(tmp_path / "more" / "adapter.safetensors")["head.classifier.weight"]
+    assert (again - trained).abs().max() < 1e-6  # the adapter's head, trained already
 
 
 # --- GLUE parsing and metrics ---------------------------------------------------------

@@ -77,7 +77,7 @@ def run(args, env, folder):
     # the model with the method applied, on its device (an adapter or checkpoint rebuilt without SVD)
     full = args.method.startswith("full")
     base_dtype = torch.bfloat16 if (dtype == "bfloat16" and not full) else torch.float32  # frozen base in bf16
-    model, heads = processes.together(env, lambda: load_model(args, task, tokenizer, base_dtype))
+    model, heads, fresh_heads = processes.together(env, lambda: load_model(args, task, tokenizer, base_dtype))
     if not env.fsdp:  # under FSDP the whole model may not fit one device: fully_shard moves the shards
         model.to(env.device)
     state = run_folder.adapter_or_checkpoint(folder, args, env, resume)
@@ -95,11 +95,12 @@ def run(args, env, folder):
     def learned():  # what the run learns, whole on rank 0; every process calls it (FSDP gathers shards)
         return run_folder.learned_state(raw_model, args.method, head_parameters(raw_model, heads), env)
 
-    # the optimizer: AdamW without weight decay, the head at a rate of its own
+    # the optimizer: AdamW without weight decay, a fresh head at a rate of its own (one the checkpoint or
+    # --adapter holds, already trained, learns at --lr)
     params = [p for p in raw_model.parameters() if p.requires_grad]  # after wrapping: FSDP replaces them by shards
-    head = {id(p) for p in head_parameters(raw_model, heads).values()}
-    groups = [{"params": [p for p in params if id(p) not in head], "peak_lr": args.lr},
-              {"params": [p for p in params if id(p) in head], "peak_lr": args.head_lr}]
+    fresh = {id(p) for p in head_parameters(raw_model, [] if args.adapter else fresh_heads).values()}
+    groups = [{"params": [p for p in params if id(p) not in fresh], "peak_lr": args.lr},
+              {"params": [p for p in params if id(p) in fresh], "peak_lr": args.head_lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=0.0)
     start_step = run_folder.restore(folder, resume, raw_model, optimizer, scaler, env, full) if resume else 0
     resumed_step_evaluated = processes.from_rank0(env, lambda: run_folder.start_records(
@@ -301,8 +302,9 @@ def micro_batches(batches, workers):
 
 
 def load_model(args, task, tokenizer, base_dtype):
-    """The pretrained model with the task's head, and the names of the modules the
-    checkpoint did not contain (new heads: trained in full, never wrapped)."""
+    """The pretrained model with the task's head; the names of its heads (trained in full,
+    never wrapped: modules the checkpoint did not contain, and any named like a head); and
+    of those, the fresh ones (the checkpoint lacked some of their weights)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
     path = args.model or flags.default_model()
     if task.kind == "generation":
@@ -325,7 +327,8 @@ def load_model(args, task, tokenizer, base_dtype):
         flags.check_max_len(args, model.config, tokenizer)
         if model.config.pad_token_id is None:  # e.g. LLaMA: batches of several sequences need it
             model.config.pad_token_id = tokenizer.pad_token_id
-    return model, sorted(heads)
+    fresh = {h for h in heads if any(n == h or n.startswith(h + ".") for n in new)}
+    return model, sorted(heads), sorted(fresh)
 
 
 def head_parameters(model, heads):
