@@ -30,7 +30,7 @@ SCHEDULE_FLAGS = ("world_size", "global_batch", "seed", "lr", "head_lr", "epochs
 DEFAULT_LR = {"goat": 3e-4, "molora": 3e-4, "lora": 3e-4, "pissa": 1e-4, "milora": 3e-4,
               "full": 1e-4, "full-moe": 1e-4}
 # A fresh task head's lr. The study chose 0.3 for MiniLM's one linear layer on its pooler,
-# but two-layer heads (RoBERTa's, DistilBERT's) fall to the majority class there; 3e-2 is
+# but two-layer heads (RoBERTa's, DistilBERT's) fall towards the majority class there; 3e-2 is
 # the rate that no head type loses much at (python head_rate.py; results/head_rate.md).
 HEAD_LR = 3e-2
 

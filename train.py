@@ -13,9 +13,9 @@ full (full fine-tuning) and full-moe (the upcycled mixture of full experts).
 method applied, the optimizer and schedule, the loop, the result; the pieces it calls
 follow it (the data, the model, the training step, evaluation). The objective, in
 train_step: the task loss plus --balance_coef times GOAT's balance loss, summed over
-the routed layers. What keeps a run safe sits behind calls into flags.py (every flag and its
-checks), processes.py (torchrun, DDP, FSDP, signals) and run_folder.py (the output
-folder, checkpoints, adapters and records).
+the routed layers. What keeps a run safe sits behind calls into flags.py (every flag
+and its checks), processes.py (torchrun, DDP, FSDP, signals) and run_folder.py (the
+output folder, checkpoints, adapters and records).
 """
 import json
 import math
