@@ -3,6 +3,7 @@ build of torch allows: device set-up, DDP and FSDP2 against one process, one dro
 stream per process, preemption and Ctrl-C, resume without a checkpoint copy on every
 process, loader workers that survive the stop signals and can be spawned, exits under
 torchrun, no host sync per micro-step."""
+import json
 import os
 import pickle
 import signal
@@ -217,12 +218,20 @@ def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path)
     process's micro-batch (a product of two means, not linear in the batch), so with it
     the runs differ by design, as DDP runs of the reference code do."""
     flags_ = ["--lora_dropout=0", "--max_steps=6", "--grad_accum=2", "--balance_coef=0"]
-    single = run_script([sys.executable, "train.py", *sst2(tiny_bert_dir, tmp_path / "one", glue_dir, *flags_,
+    varied = tmp_path / "glue"
+    (varied / "SST-2").mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):  # 5 to 9 words: each process's micro-batches hold their own token counts
+        header, *rows = (glue_dir / "SST-2" / name).read_text().splitlines()
+        (varied / "SST-2" / name).write_text("\n".join([header] + ["the " * (i % 5) + row for i, row in enumerate(rows)]))
+    single = run_script([sys.executable, "train.py", *sst2(tiny_bert_dir, tmp_path / "one", varied, *flags_,
                                                            "--batch_size=8")])
     assert single.returncode == 0, single.stderr[-3000:]
-    sharded = torchrun(sst2(tiny_bert_dir, tmp_path / "fsdp", glue_dir, *flags_, "--batch_size=4", "--fsdp"))
+    sharded = torchrun(sst2(tiny_bert_dir, tmp_path / "fsdp", varied, *flags_, "--batch_size=4", "--fsdp"))
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     np.testing.assert_allclose(read_losses(tmp_path / "fsdp"), read_losses(tmp_path / "one"), rtol=1e-4, atol=1e-5)
+    tokens = lambda run: [row["tokens"] for row in map(json.loads, (tmp_path / run / "metrics.jsonl").open())
+                          if "tokens" in row]  # the whole job's, not rank 0's times the processes
+    assert tokens("fsdp") == tokens("one") and len(tokens("one")) > 1
     assert read_result(tmp_path / "fsdp")["metrics"] == read_result(tmp_path / "one")["metrics"]
     from safetensors.torch import load_file
     a, b = load_file(tmp_path / "fsdp" / "adapter.safetensors"), load_file(tmp_path / "one" / "adapter.safetensors")
@@ -231,7 +240,7 @@ def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path)
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=lambda m, key=key: f"{key}: {m}")
     ckpt = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)  # a whole, unsharded checkpoint
     assert ckpt["step"] == 6 and ckpt["optimizer"]["state"]
-    metrics = train.main(sst2(tiny_bert_dir, tmp_path / "eval", glue_dir, "--max_steps=0",
+    metrics = train.main(sst2(tiny_bert_dir, tmp_path / "eval", varied, "--max_steps=0",
                               f"--adapter={tmp_path / 'fsdp'}"))  # its adapter, in one process
     assert metrics["dev"] == read_result(tmp_path / "fsdp")["metrics"]["dev"]
 

@@ -125,7 +125,8 @@ def run(args, env, folder):
     tokens, skipped = 0, []
 
     def checked(done, task_loss, balance, grad_norm):  # the one host sync, on logging and checkpoint steps only
-        values = processes.mean_over_processes(env, [task_loss, balance, grad_norm.float(), health.flag()])
+        n_tokens = torch.tensor(float(tokens), device=env.device)  # this process's since the last log: x world, all
+        values = processes.mean_over_processes(env, [task_loss, balance, grad_norm.float(), health.flag(), n_tokens])
         health.check(done, values, args, scaler.is_enabled())  # never save a bad state over a good one
         return values  # the means over processes
 
@@ -147,17 +148,18 @@ def run(args, env, folder):
             saving = done % args.ckpt_every == 0 or done == max_steps or stopping
             if logging or saving:
                 values = checked(done, task_loss, balance, grad_norm)
+            now = time.time()
             if logging and env.master:
-                now = time.time()
-                task_loss_, balance_, grad_norm_ = values[:3]
+                task_loss_, balance_, grad_norm_, tokens_all = *values[:3], values[4] * env.world
                 balance_ /= max(routed_layers, 1)  # shown as its mean over layers: 1 is perfectly even routing
                 folder.log({"step": done, "loss": task_loss_ + args.balance_coef * balance_ * routed_layers,
                             "task_loss": task_loss_, "balance_loss": balance_ if routed_layers else None,
                             "grad_norm": grad_norm_, "lr": optimizer.param_groups[0]["lr"],
-                            "tokens_per_s": tokens / max(now - t_log, 1e-9),
-                            "expert_load": {k: [round(x, 4) for x in v.tolist()]
+                            "tokens": round(tokens_all), "tokens_per_s": tokens_all / max(now - t_log, 1e-9),
+                            "expert_load": {k: [round(x, 4) for x in v.tolist()]  # rank 0's latest micro-batch
                                             for k, v in goat.expert_load(raw_model).items()}},
                            max_steps, minutes_left=(now - t_loop) / (done - start_step) * (max_steps - done) / 60)
+            if logging:  # every process counts its tokens afresh
                 tokens, t_log = 0, now
             if evaluation_due(done) and not stopping:  # if stopping, the resumed run evaluates first
                 evaluate_and_log(done)
@@ -376,13 +378,13 @@ def learning_rate(step, peak, args, max_steps):
 def train_step(model, raw_model, batches, optimizer, scaler, params, args, env, autocast):
     """One optimizer step over the grad_accum micro-batches (CPU tensors). Returns device
     tensors (task loss, balance loss summed over routed layers, gradient norm), the tokens
-    seen and the image files skipped: no host sync."""
+    this process saw and the image files skipped: no host sync."""
     task_loss_sum = balance_sum = 0.0
     tokens, skipped = 0, []
     for micro, cpu_batch in enumerate(batches):
         skipped += cpu_batch.pop("skipped", [])
         count = cpu_batch["attention_mask"].sum() if "attention_mask" in cpu_batch else len(cpu_batch["labels"])
-        tokens += int(count) * env.world  # counted on the CPU: no device sync
+        tokens += int(count)  # this process's, counted on the CPU: no device sync
         batch = {k: v.to(env.device, non_blocking=True) for k, v in cpu_batch.items()}
         last = micro == len(batches) - 1
         if env.fsdp:  # a micro-step that skips the reduce-scatter keeps its gradients unsharded: small for
