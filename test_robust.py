@@ -427,23 +427,23 @@ class SignalWhenSent(processes.StopSignals):
         pass
 
 
-def calls_to(name, monkeypatch, before=lambda n: None):
-    """A list that grows by one at each call of train.<name>; before(n) runs ahead of the n-th."""
-    calls, real = [], getattr(train, name)
+def calls_to(name, monkeypatch, before=lambda n: None, module=train):
+    """A list that grows by one at each call of module.<name>; before(n) runs ahead of the n-th."""
+    calls, real = [], getattr(module, name)
 
     def counted(*a, **k):
         calls.append(1)
         before(len(calls))
         return real(*a, **k)
-    monkeypatch.setattr(train, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
-def sigterm_during(name, call, monkeypatch):
-    """SIGTERM "arrives" during the call-th call of train.<name> (train_step or evaluate)."""
+def sigterm_during(name, call, monkeypatch, module=train):
+    """SIGTERM "arrives" during the call-th call of module.<name> (train_step, evaluate, save_checkpoint)."""
     SignalWhenSent.sent = False
     monkeypatch.setattr(processes, "StopSignals", SignalWhenSent)
-    calls_to(name, monkeypatch, lambda n: setattr(SignalWhenSent, "sent", SignalWhenSent.sent or n == call))
+    calls_to(name, monkeypatch, lambda n: setattr(SignalWhenSent, "sent", SignalWhenSent.sent or n == call), module)
 
 
 def stopped_then_resumed(flags_, run, monkeypatch):
@@ -481,6 +481,33 @@ def test_a_stop_signal_during_an_evaluation_stops_after_it(tiny_bert_dir, glue_d
     assert steps_evaluated == list(range(1, 10))  # step 2 once, before the stop
 
 
+def test_a_stop_signal_during_a_checkpoint_write_stops_after_it(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    """A full model's checkpoint takes a while to write: a signal meanwhile stops the run
+    at that checkpoint's step, not after one more step and one more write."""
+    sigterm_during("save_checkpoint", 1, monkeypatch, module=run_folder)
+    run = tmp_path / "run"
+    step, _ = stopped_then_resumed(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10", "--ckpt_every=2"), run,
+                                   monkeypatch)
+    assert step == 2  # not 3
+
+
+def test_a_failed_evaluation_loses_no_step(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    """The checkpoint of an --eval_every step is written before its evaluation, which may
+    run out of memory (a KV cache): the run resumes from that step, not the one before."""
+    def out_of_memory(n):
+        if n == 2:
+            raise RuntimeError("CUDA out of memory (a test)")
+    calls_to("evaluate", monkeypatch, out_of_memory)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10", "--eval_every=2", "--ckpt_every=2"))
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 4
+    monkeypatch.undo()
+    train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10", "--eval_every=2", "--ckpt_every=2", "--resume"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "eval" in row] == [2, 4, 6, 8]  # step 4 evaluated on resuming
+
+
 def test_a_stop_during_an_evaluation_never_checkpoints_a_bad_step(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
     """The stop after an evaluation checks the step's health first, as every checkpoint
     does: a NaN at step 2 (no logging step) stops the run there, and nothing is saved."""
@@ -501,8 +528,8 @@ def test_a_stop_during_an_evaluation_never_checkpoints_a_bad_step(tiny_bert_dir,
 
 
 def test_a_resumed_run_evaluates_no_step_twice(tiny_bert_dir, glue_dir, tmp_path):
-    """Killed after a checkpoint whose step was evaluated (the evaluation comes first):
-    the resumed run goes on from there without evaluating that step again."""
+    """Killed after a checkpoint and its step's evaluation: the resumed run goes on from
+    there without evaluating that step again."""
     run, flags_ = tmp_path / "run", ("--ckpt_every=2", "--eval_every=2")
     killed_after_checkpoint(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", *flags_), run)
     step = torch.load(run / "ckpt.pt", weights_only=True)["step"]

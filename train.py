@@ -125,8 +125,8 @@ def run(args, env, folder):
     tokens, skipped = 0, []
 
     def checked(done, task_loss, balance, grad_norm):  # the one host sync, on logging and checkpoint steps only
-        n_tokens = torch.tensor(float(tokens), device=env.device)  # this process's since the last log: x world, all
-        values = processes.mean_over_processes(env, [task_loss, balance, grad_norm.float(), health.flag(), n_tokens])
+        my_tokens = torch.tensor(float(tokens), device=env.device)  # since the last log; their mean x world: all
+        values = processes.mean_over_processes(env, [task_loss, balance, grad_norm.float(), health.flag(), my_tokens])
         health.check(done, values, args, scaler.is_enabled())  # never save a bad state over a good one
         return values  # the means over processes
 
@@ -150,7 +150,8 @@ def run(args, env, folder):
                 values = checked(done, task_loss, balance, grad_norm)
             now = time.time()
             if logging and env.master:
-                task_loss_, balance_, grad_norm_, tokens_all = *values[:3], values[4] * env.world
+                task_loss_, balance_, grad_norm_, _, tokens_mean = values
+                tokens_all = tokens_mean * env.world
                 balance_ /= max(routed_layers, 1)  # shown as its mean over layers: 1 is perfectly even routing
                 folder.log({"step": done, "loss": task_loss_ + args.balance_coef * balance_ * routed_layers,
                             "task_loss": task_loss_, "balance_loss": balance_ if routed_layers else None,
@@ -159,18 +160,19 @@ def run(args, env, folder):
                             "expert_load": {k: [round(x, 4) for x in v.tolist()]  # rank 0's latest micro-batch
                                             for k, v in goat.expert_load(raw_model).items()}},
                            max_steps, minutes_left=(now - t_loop) / (done - start_step) * (max_steps - done) / 60)
-            if logging:  # every process counts its tokens afresh
-                tokens, t_log = 0, now
+            if saving:  # before any evaluation: one that runs out of memory or outlasts a grace period loses no step
+                run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
             if evaluation_due(done) and not stopping:  # if stopping, the resumed run evaluates first
                 evaluate_and_log(done)
-                # a signal during a long evaluation (generation on a large model) stops the run here, not
-                # a step later: the scheduler's grace period may not last another step
+            if (saving or evaluation_due(done)) and not stopping:
+                # a signal during a long checkpoint write or evaluation (generation on a large model) stops the
+                # run here, not a step later: the scheduler's grace period may not last another step
                 stopping = processes.any_rank(env, stop.received is not None)
                 if stopping and not saving:
                     checked(done, task_loss, balance, grad_norm)
-                    saving = True
-            if saving:
-                run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
+                    run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
+            if logging:  # every process counts afresh; the next speed leaves out this evaluation and checkpoint
+                tokens, t_log = 0, time.time()
             if stopping and done < max_steps:
                 raise run_folder.stopped(env, stop.received, done, max_steps, folder)
     finally:
