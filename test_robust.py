@@ -348,6 +348,8 @@ def test_resume_checks_the_checkpoint_against_the_flags(tiny_bert_dir, glue_dir,
             train.main(argv)
     with pytest.raises(SystemExit, match=r"--segments: None vs 2.*original flags \(drop --segments\)"):
         train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--resume", "--segments=2"))
+    with pytest.raises(SystemExit, match=r"original flags \(drop --per_expert_scale\)"):  # a switch, not =False
+        train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--resume", "--per_expert_scale"))
     with pytest.raises(SystemExit, match="--global_batch: 16 vs 8.*--allow_resume_changes"):
         train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", "--resume", "--batch_size=8"))
     other = tmp_path / "other"  # files with other contents: another run's data
