@@ -183,8 +183,10 @@ def from_rank0(env, make):
         except SystemExit as e:
             result = ("exit", e.code)  # a message, or a status
         except Exception as e:  # the others must not wait for a value that never comes
-            result = ("exit", f"{type(e).__name__}: {e}" if not env.distributed else
-                      f"rank 0 failed: {type(e).__name__}: {e}")
+            if not env.distributed:
+                raise
+            traceback.print_exc()  # where rank 0 failed; the others stop with its one line
+            result = ("exit", f"rank 0 failed: {type(e).__name__}: {e}")
     if env.distributed:
         box = [result]
         dist.broadcast_object_list(box, src=0, group=env.control)

@@ -317,6 +317,7 @@ def _two_processes(rank, world, port, results):
     def write_fails():  # rank 0's checkpoint write on a full disk
         raise SystemExit("could not write the checkpoint")
     attempt("write", lambda: processes.from_rank0(env, write_fails))
+    attempt("bug", lambda: processes.from_rank0(env, lambda: {}["data"]))  # rank 0 prints the traceback
     attempt("data", lambda: processes.same_everywhere(env, {"training examples": 3 + rank}, "read different data",
                                                       "fix"))
     tree = {"a": torch.arange(6.0).view(2, 3).t(), "b": [torch.tensor([rank]), 7, "x"], "c": (1.5, 2.5)}  # a: strided
@@ -391,6 +392,11 @@ def test_what_every_process_prints_alike_rank_0_says_once(capsys, monkeypatch):
     assert capsys.readouterr().out == "skipped 2 malformed rows\nprocess 3: skipped 5 malformed rows\n"
 
 
+def test_a_bug_in_rank_0s_work_in_one_process_is_raised_as_it_is():
+    with pytest.raises(KeyError, match="data"):  # its traceback, not a one-line exit
+        processes.from_rank0(processes.Processes(), lambda: {}["data"])
+
+
 def test_processes_must_hold_the_same_weights_flags_and_data():
     import torch.multiprocessing as mp
     with socket.socket() as s:
@@ -403,6 +409,7 @@ def test_processes_must_hold_the_same_weights_flags_and_data():
         assert "different weights (1 tensors, e.g. 0.weight)" in results[rank]["frozen"]
         assert "different flags (--alpha: 16.0 vs 32.0; --rank: 8 vs 16)" in results[rank]["flags"]
         assert results[rank]["write"] == "SystemExit: could not write the checkpoint"  # both stop, none waits
+        assert results[rank]["bug"] == "SystemExit: rank 0 failed: KeyError: 'data'"
         assert "read different data (process 0: {'training examples': 3}; process 1: {'training examples': 4})" \
             in results[rank]["data"]
         assert results[rank]["tree"] == ([[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]], [0], [7, "x"], (1.5, 2.5))
