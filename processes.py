@@ -78,8 +78,13 @@ def start(args):
         if index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
             raise SystemExit(f"--device={device} would put every process of this node on GPU {index}; under "
                              f"torchrun each process takes its own: use --device=cuda (or auto)")
-        if index is None:  # modulo: a scheduler may show each process only its own GPU (srun --gpus-per-task=1)
-            index = env.local_rank % torch.cuda.device_count()
+        if index is None:
+            count, local_world = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            if count > 1 and max(local_world, env.local_rank + 1) > count:  # NCCL would refuse at its first call
+                raise SystemExit(f"{max(local_world, env.local_rank + 1)} processes on this node but {count} GPUs "
+                                 f"visible: two would share a GPU; start at most {count} per node "
+                                 f"(--nproc_per_node={count}) or show each process its own GPU")
+            index = env.local_rank if count > 1 else 0  # one GPU: a scheduler may show each process only its own
         device = f"cuda:{index}"
         torch.cuda.set_device(index)  # an index: "cuda" alone is refused by set_device
     env.device = device

@@ -55,12 +55,12 @@ class DictStore(dict):
 
 
 @pytest.mark.parametrize("device,local_rank,expected", [("auto", None, "cuda:0"), ("cuda", None, "cuda:0"),
-                                                        ("cuda:1", None, "cuda:1"), ("auto", "3", "cuda:1")])
+                                                        ("cuda:1", None, "cuda:1"), ("auto", "3", "cuda:3")])
 def test_processes_start_on_a_gpu_with_an_indexed_device(device, local_rank, expected, monkeypatch):
     """The crash of every GPU run without torchrun (set_device("cuda")) fails here; under
-    torchrun process 3 of a node showing it 2 GPUs takes GPU 3 % 2 with NCCL, and its
+    torchrun process 3 of a node showing it 4 GPUs takes GPU 3 with NCCL, and its
     control messages go through gloo."""
-    chosen, groups = fake_cuda(monkeypatch), []
+    chosen, groups = fake_cuda(monkeypatch, count=4), []
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     if local_rank is not None:
@@ -81,6 +81,11 @@ def test_processes_start_on_a_gpu_with_an_indexed_device(device, local_rank, exp
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="every process of this node on GPU 1.*--device=cuda"):
         processes.start(flags.parse_args(["--device=cuda:1"]))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # more processes than GPUs: refused before NCCL's late error
+    with pytest.raises(SystemExit, match="8 processes on this node but 4 GPUs visible.*--nproc_per_node=4"):
+        processes.start(flags.parse_args(["--device=cuda"]))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # each process shown only its own GPU
+    assert processes.start(flags.parse_args(["--device=cuda"])).device == "cuda:0"
 
 
 @pytest.mark.parametrize("version,kind,argv,match", [
