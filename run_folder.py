@@ -130,7 +130,7 @@ class RunFolder:
         norm, written as null) and one progress line."""
         self.append_metrics(finite_or_null(row))
         balance = f" | balance {row['balance_loss']:.3f} (1 = even)" if row["balance_loss"] is not None else ""
-        print(f"step {row['step']}/{max_steps} | loss {row['task_loss']:.4f}{balance} | lr {row['lr']:.2e} "
+        print(f"step {row['step']}/{max_steps} | task loss {row['task_loss']:.4f}{balance} | lr {row['lr']:.2e} "
               f"| {row['tokens_per_s']:,.0f} tok/s | {minutes_left:.1f} min left", flush=True)
 
     def append_metrics(self, row):
