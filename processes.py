@@ -110,7 +110,7 @@ def start(args):
         print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
         env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
     # on CPUs too: torch 2.7.1 stops at the first forward ("FSDP expects uniform original parameter dtype")
-    if args.fsdp and args.dtype == "bfloat16" and not args.method.startswith("full") and torch_older_than(2, 8):
+    if args.fsdp and args.dtype == "bfloat16" and torch_older_than(2, 8):
         raise SystemExit(f"--fsdp with a bf16 base needs torch >= 2.8 (one FSDP group then holds the frozen bf16 "
                          f"base and the float32 adapters; pytorch#154103); this is {torch.__version__}: "
                          f"pip install 'torch>=2.8', or run with --dtype=float32")

@@ -92,8 +92,7 @@ def test_processes_start_on_a_gpu_with_an_indexed_device(device, local_rank, exp
     ("2.6.0", "cpu", [], "train.py needs torch >= 2.7"),
     ("2.7.1", "cuda", ["--fsdp"], "--fsdp with a bf16 base needs torch >= 2.8"),
     ("2.7.1", "cpu", ["--fsdp", "--dtype=bfloat16"], "--fsdp with a bf16 base needs torch >= 2.8"),
-    ("2.7.1", "cpu", ["--fsdp"], None), ("2.13.0", "cuda", ["--fsdp"], None),
-    ("2.7.1", "cuda", ["--fsdp", "--method=full"], None)])  # full methods keep float32 weights: no bf16 base
+    ("2.7.1", "cpu", ["--fsdp"], None), ("2.13.0", "cuda", ["--fsdp"], None)])
 def test_a_torch_too_old_stops_every_process_at_set_up(version, kind, argv, match, monkeypatch):
     """On torch 2.6 DDP fails at the wrap (no init_sync) and FSDP2 on CPUs at the first
     forward; every process (same flags, same torch: checked first) stops at set-up."""

@@ -130,6 +130,48 @@ def run(args, env, folder):
         health.check(done, values, args, scaler.is_enabled())  # never save a bad state over a good one
         return values  # the means over processes
 
+    def after_step(done, task_loss, balance, grad_norm, n_tokens, unread):
+        """The bookkeeping of a step, on every process alike: the health check, the log, the
+        checkpoint, the --eval_every evaluation, and the stop after a signal."""
+        nonlocal tokens, skipped, t_log
+        tokens, skipped = tokens + n_tokens, skipped + unread
+        for path in unread:
+            print(f"skipped an unreadable image: {path}", flush=True)
+        # under fp16 an infinite gradient norm is a step the loss scaler skipped, not a fault
+        health.update(done, task_loss, grad_norm if not scaler.is_enabled() else task_loss)
+        stopping = processes.any_rank(env, stop.received is not None)
+        logging = done % args.log_every == 0 or done == max_steps or done == start_step + 1
+        saving = done % args.ckpt_every == 0 or done == max_steps or stopping
+        if logging or saving:
+            values = checked(done, task_loss, balance, grad_norm)
+        now = time.time()
+        if logging and env.master:
+            task_loss_, balance_, grad_norm_, _, tokens_mean = values
+            tokens_all = tokens_mean * env.world
+            balance_ /= max(routed_layers, 1)  # shown as its mean over layers: 1 is perfectly even routing
+            folder.log({"step": done, "loss": task_loss_ + args.balance_coef * balance_ * routed_layers,
+                        "task_loss": task_loss_, "balance_loss": balance_ if routed_layers else None,
+                        "grad_norm": grad_norm_, "lr": optimizer.param_groups[0]["lr"],
+                        "tokens": round(tokens_all), "tokens_per_s": tokens_all / max(now - t_log, 1e-9),
+                        "expert_load": {k: [round(x, 4) for x in v.tolist()]  # rank 0's latest micro-batch
+                                        for k, v in goat.expert_load(raw_model).items()}},
+                       max_steps, minutes_left=(now - t_loop) / (done - start_step) * (max_steps - done) / 60)
+        if saving:  # before any evaluation: one that runs out of memory or outlasts a grace period loses no step
+            run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
+        if evaluation_due(done) and not stopping:  # if stopping, the resumed run evaluates first
+            evaluate_and_log(done)
+        if (saving or evaluation_due(done)) and not stopping:
+            # a signal during a long checkpoint write or evaluation (generation on a large model) stops the
+            # run here, not a step later: the scheduler's grace period may not last another step
+            stopping = processes.any_rank(env, stop.received is not None)
+            if stopping and not saving:
+                checked(done, task_loss, balance, grad_norm)
+                run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
+        if logging:  # every process counts afresh; the next speed leaves out this evaluation and checkpoint
+            tokens, t_log = 0, time.time()
+        if stopping and done < max_steps:
+            raise run_folder.stopped(env, stop.received, done, max_steps, folder)
+
     try:
         for step in range(start_step, max_steps):
             for group in optimizer.param_groups:
@@ -137,44 +179,7 @@ def run(args, env, folder):
             micro = [next(stream) for _ in range(args.grad_accum)]
             task_loss, balance, grad_norm, n_tokens, unread = train_step(model, raw_model, micro, optimizer, scaler,
                                                                          params, args, env, autocast)
-            tokens, skipped = tokens + n_tokens, skipped + unread
-            for path in unread:
-                print(f"skipped an unreadable image: {path}", flush=True)
-            done = step + 1
-            # under fp16 an infinite gradient norm is a step the loss scaler skipped, not a fault
-            health.update(done, task_loss, grad_norm if not scaler.is_enabled() else task_loss)
-            stopping = processes.any_rank(env, stop.received is not None)
-            logging = done % args.log_every == 0 or done == max_steps or done == start_step + 1
-            saving = done % args.ckpt_every == 0 or done == max_steps or stopping
-            if logging or saving:
-                values = checked(done, task_loss, balance, grad_norm)
-            now = time.time()
-            if logging and env.master:
-                task_loss_, balance_, grad_norm_, _, tokens_mean = values
-                tokens_all = tokens_mean * env.world
-                balance_ /= max(routed_layers, 1)  # shown as its mean over layers: 1 is perfectly even routing
-                folder.log({"step": done, "loss": task_loss_ + args.balance_coef * balance_ * routed_layers,
-                            "task_loss": task_loss_, "balance_loss": balance_ if routed_layers else None,
-                            "grad_norm": grad_norm_, "lr": optimizer.param_groups[0]["lr"],
-                            "tokens": round(tokens_all), "tokens_per_s": tokens_all / max(now - t_log, 1e-9),
-                            "expert_load": {k: [round(x, 4) for x in v.tolist()]  # rank 0's latest micro-batch
-                                            for k, v in goat.expert_load(raw_model).items()}},
-                           max_steps, minutes_left=(now - t_loop) / (done - start_step) * (max_steps - done) / 60)
-            if saving:  # before any evaluation: one that runs out of memory or outlasts a grace period loses no step
-                run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
-            if evaluation_due(done) and not stopping:  # if stopping, the resumed run evaluates first
-                evaluate_and_log(done)
-            if (saving or evaluation_due(done)) and not stopping:
-                # a signal during a long checkpoint write or evaluation (generation on a large model) stops the
-                # run here, not a step later: the scheduler's grace period may not last another step
-                stopping = processes.any_rank(env, stop.received is not None)
-                if stopping and not saving:
-                    checked(done, task_loss, balance, grad_norm)
-                    run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
-            if logging:  # every process counts afresh; the next speed leaves out this evaluation and checkpoint
-                tokens, t_log = 0, time.time()
-            if stopping and done < max_steps:
-                raise run_folder.stopped(env, stop.received, done, max_steps, folder)
+            after_step(step + 1, task_loss, balance, grad_norm, n_tokens, unread)
     finally:
         stop.restore()
         stream.close()
