@@ -196,7 +196,8 @@ def check_max_len(args, config, tokenizer):
 
 def adopt_adapter_flags(args, given, saved):
     """--adapter: the flags that define it come from the adapter file (`saved`, its
-    train flags) unless given; given ones must agree with it. Returns the problems."""
+    train flags) unless given; given ones must agree with it. Without --task, the task
+    and data are the adapter's too. Returns the problems."""
     differ = differences({k: getattr(args, k) for k in ADAPTER_FLAGS}, saved,  # None: meaningless for its method
                          [k for k in ADAPTER_FLAGS if k in given and saved.get(k) is not None])
     if differ:
@@ -205,6 +206,10 @@ def adopt_adapter_flags(args, given, saved):
     for key in ADAPTER_FLAGS + ("model",):
         if key not in given and saved.get(key) is not None:  # None: a flag that meant nothing for that method
             setattr(args, key, saved[key])
+    if "task" not in given and saved.get("task"):  # its own task and data, unless another task is named
+        for key in ("task", "data_dir", "train_sets", "eval_sets"):
+            if key not in given and key in saved:
+                setattr(args, key, saved[key])
     return []
 
 

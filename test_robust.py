@@ -116,6 +116,8 @@ def test_readme_sequence_leaves_every_run_intact(tiny_bert_dir, glue_dir, tmp_pa
     assert evaluation["metrics"] == read_result(run)["metrics"]
     assert evaluation["weights"] == f"--adapter={run}" and evaluation["trained_steps"] == 20
     assert evaluation["steps"] == 0 and files_of(run) == before
+    alone = train.main(["--max_steps=0", f"--adapter={run}", f"--out_dir={tmp_path / 'alone'}"])
+    assert alone == trained  # the README's form: the model, task and data are the adapter's
     with pytest.raises(SystemExit, match="would overwrite the adapter it reads"):
         train.main(argv + ["--max_steps=0", f"--adapter={run}", f"--out_dir={run}", "--overwrite"])
     with pytest.raises(SystemExit, match="holds a finished evaluation; pass --overwrite"):
