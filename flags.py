@@ -196,8 +196,8 @@ def check_max_len(args, config, tokenizer):
 
 def adopt_adapter_flags(args, given, saved):
     """--adapter: the flags that define it come from the adapter file (`saved`, its
-    train flags) unless given; given ones must agree with it. Without --task, the task
-    and data are the adapter's too. Returns the problems."""
+    train flags) unless given; given ones must agree with it. Without --task, or with its
+    own, the task, data and lengths are the adapter's too. Returns the problems."""
     differ = differences({k: getattr(args, k) for k in ADAPTER_FLAGS}, saved,  # None: meaningless for its method
                          [k for k in ADAPTER_FLAGS if k in given and saved.get(k) is not None])
     if differ:
@@ -206,8 +206,10 @@ def adopt_adapter_flags(args, given, saved):
     for key in ADAPTER_FLAGS + ("model",):
         if key not in given and saved.get(key) is not None:  # None: a flag that meant nothing for that method
             setattr(args, key, saved[key])
-    if "task" not in given and saved.get("task"):  # its own task and data, unless another task is named
-        for key in ("task", "data_dir", "train_sets", "eval_sets"):
+    if "task" not in given and saved.get("task"):
+        args.task = saved["task"]
+    if args.task == saved.get("task"):  # its own task: its data and lengths too, unless given
+        for key in ("data_dir", "train_sets", "eval_sets", "max_len", "max_new_tokens"):
             if key not in given and key in saved:
                 setattr(args, key, saved[key])
     return []
@@ -228,6 +230,8 @@ def parse_args(argv=None):
             p.error(f"--scaling={args.scaling}: choose one of {goat.SCALINGS} or a number")
     given = given_flags(p, argv)
     found = []
+    if args.data_dir:
+        args.data_dir = str(Path(args.data_dir).resolve())  # recorded whole: an adapter brings it elsewhere
     if args.adapter:
         args.adapter = str(Path(args.adapter).resolve())  # recorded whole: a relative path names nothing later
         try:

@@ -79,12 +79,14 @@ def start(args):
             raise SystemExit(f"--device={device} would put every process of this node on GPU {index}; under "
                              f"torchrun each process takes its own: use --device=cuda (or auto)")
         if index is None:
+            # torchrun (LOCAL_WORLD_SIZE) shows every process of a node the same GPUs; a scheduler may show each
+            # process only its own (srun --gpus-per-task=1: one GPU, index 0)
             count, local_world = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            if count > 1 and max(local_world, env.local_rank + 1) > count:  # NCCL would refuse at its first call
-                raise SystemExit(f"{max(local_world, env.local_rank + 1)} processes on this node but {count} GPUs "
+            if local_world > count or (count > 1 and env.local_rank >= count):  # NCCL would refuse at its first call
+                raise SystemExit(f"{max(local_world, env.local_rank + 1)} processes on this node but {count} GPU(s) "
                                  f"visible: two would share a GPU; start at most {count} per node "
                                  f"(--nproc_per_node={count}) or show each process its own GPU")
-            index = env.local_rank if count > 1 else 0  # one GPU: a scheduler may show each process only its own
+            index = env.local_rank if count > 1 else 0
         device = f"cuda:{index}"
         torch.cuda.set_device(index)  # an index: "cuda" alone is refused by set_device
     env.device = device
@@ -180,7 +182,9 @@ def same_everywhere(env, value, what, fix, describe=None):
 
 def from_rank0(env, make):
     """make() on rank 0, its value (or the SystemExit it raised) on every rank: rank 0
-    decides (resume, out_dir) and the others follow, with no shared file system needed."""
+    decides (resume, out_dir) and the others follow, with no shared file system needed.
+    Another exception is raised as it is in one process; under torchrun rank 0 prints its
+    traceback and every rank stops with its one line."""
     result = None
     if env.master:
         try:

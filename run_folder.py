@@ -416,7 +416,7 @@ def check_same_run(saved, args):
     now = vars(args)
     hard = [k for k in flags.RESUME_FLAGS if flags.model_name(k, saved.get(k)) != flags.model_name(k, now.get(k))]
     if hard:
-        fix = " ".join(f"drop --{k}" if saved.get(k) in (None, False) else f"--{k}" if saved[k] is True
+        fix = " ".join(f"drop --{k}" if saved.get(k) is None or saved[k] is False else f"--{k}" if saved[k] is True
                        else f"--{k}={saved[k]}" for k in hard)  # --fsdp and --per_expert_scale take no value
         raise SystemExit("--resume: the checkpoint is of another run (checkpoint vs now: "
                          + "; ".join(flags.differences(saved, now, hard)) + f"). Resume with the original flags "

@@ -82,9 +82,12 @@ def test_processes_start_on_a_gpu_with_an_indexed_device(device, local_rank, exp
     with pytest.raises(SystemExit, match="every process of this node on GPU 1.*--device=cuda"):
         processes.start(flags.parse_args(["--device=cuda:1"]))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # more processes than GPUs: refused before NCCL's late error
-    with pytest.raises(SystemExit, match="8 processes on this node but 4 GPUs visible.*--nproc_per_node=4"):
+    with pytest.raises(SystemExit, match=r"8 processes on this node but 4 GPU\(s\) visible.*--nproc_per_node=4"):
         processes.start(flags.parse_args(["--device=cuda"]))
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # each process shown only its own GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # torchrun shows every process that one GPU
+    with pytest.raises(SystemExit, match="8 processes on this node but 1 GPU"):
+        processes.start(flags.parse_args(["--device=cuda"]))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a scheduler showing each process only its own GPU
     assert processes.start(flags.parse_args(["--device=cuda"])).device == "cuda:0"
 
 

@@ -107,7 +107,7 @@ def files_of(folder):
 def test_readme_sequence_leaves_every_run_intact(tiny_bert_dir, glue_dir, tmp_path):
     """Train into x, then evaluate its adapter with the default --out_dir: x-eval-sst2."""
     run = tmp_path / "goat_eta01"
-    trained = train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=20"))
+    trained = train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=20", "--max_len=32"))
     before = files_of(run)
     argv = [a for a in sst2(tiny_bert_dir, run, glue_dir) if not a.startswith("--out_dir")]
     evaluated = train.main(argv + ["--max_steps=0", f"--adapter={run}"])
@@ -117,7 +117,9 @@ def test_readme_sequence_leaves_every_run_intact(tiny_bert_dir, glue_dir, tmp_pa
     assert evaluation["weights"] == f"--adapter={run}" and evaluation["trained_steps"] == 20
     assert evaluation["steps"] == 0 and files_of(run) == before
     alone = train.main(["--max_steps=0", f"--adapter={run}", f"--out_dir={tmp_path / 'alone'}"])
-    assert alone == trained  # the README's form: the model, task and data are the adapter's
+    assert alone == trained  # the README's form: the model, task, data and lengths are the adapter's
+    config = json.loads((tmp_path / "alone" / "config.json").read_text())
+    assert (config["task"], config["data_dir"], config["max_len"]) == ("sst2", str(glue_dir.resolve()), 32)
     with pytest.raises(SystemExit, match="would overwrite the adapter it reads"):
         train.main(argv + ["--max_steps=0", f"--adapter={run}", f"--out_dir={run}", "--overwrite"])
     with pytest.raises(SystemExit, match="holds a finished evaluation; pass --overwrite"):
@@ -487,12 +489,22 @@ def test_a_stop_signal_during_an_evaluation_stops_after_it(tiny_bert_dir, glue_d
 
 def test_a_stop_signal_during_a_checkpoint_write_stops_after_it(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
     """A full model's checkpoint takes a while to write: a signal meanwhile stops the run
-    at that checkpoint's step, not after one more step and one more write."""
+    at that checkpoint's step, before that step's evaluation (the resumed run's first
+    work), not after one more step and one more write."""
+    evaluated = calls_to("evaluate", monkeypatch)
     sigterm_during("save_checkpoint", 1, monkeypatch, module=run_folder)
     run = tmp_path / "run"
-    step, _ = stopped_then_resumed(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10", "--ckpt_every=2"), run,
-                                   monkeypatch)
-    assert step == 2  # not 3
+    step, steps_evaluated = stopped_then_resumed(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=10",
+                                                      "--ckpt_every=2", "--eval_every=2"), run, monkeypatch)
+    assert step == 2 and not evaluated  # not 3, and no evaluation in the grace period
+    assert steps_evaluated == [2, 4, 6, 8]
+
+
+def test_a_refused_resume_names_the_original_flags_as_typed():
+    args = flags.parse_args(["--per_expert_scale", "--lora_dropout=0.1"])
+    saved = dict(vars(args), per_expert_scale=False, lora_dropout=0.0)  # 0.0 == False in Python
+    with pytest.raises(SystemExit, match=r"original flags \(drop --per_expert_scale --lora_dropout=0.0\)"):
+        run_folder.check_same_run(saved, args)
 
 
 def test_a_failed_evaluation_loses_no_step(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
@@ -532,8 +544,8 @@ def test_a_stop_during_an_evaluation_never_checkpoints_a_bad_step(tiny_bert_dir,
 
 
 def test_a_resumed_run_evaluates_no_step_twice(tiny_bert_dir, glue_dir, tmp_path):
-    """Killed after a checkpoint and its step's evaluation: the resumed run goes on from
-    there without evaluating that step again."""
+    """Killed after a checkpoint (its step's evaluation, which follows it, done or not): the
+    resumed run evaluates that step once, and no step twice."""
     run, flags_ = tmp_path / "run", ("--ckpt_every=2", "--eval_every=2")
     killed_after_checkpoint(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=400", *flags_), run)
     step = torch.load(run / "ckpt.pt", weights_only=True)["step"]

@@ -125,7 +125,7 @@ def run(args, env, folder):
     tokens, skipped = 0, []
 
     def checked(done, task_loss, balance, grad_norm):  # the one host sync, on logging and checkpoint steps only
-        my_tokens = torch.tensor(float(tokens), device=env.device)  # since the last log; their mean x world: all
+        my_tokens = torch.tensor(tokens, dtype=torch.float64, device=env.device)  # since the last log; mean x world
         values = processes.mean_over_processes(env, [task_loss, balance, grad_norm.float(), health.flag(), my_tokens])
         health.check(done, values, args, scaler.is_enabled())  # never save a bad state over a good one
         return values  # the means over processes
@@ -156,18 +156,20 @@ def run(args, env, folder):
                         "expert_load": {k: [round(x, 4) for x in v.tolist()]  # rank 0's latest micro-batch
                                         for k, v in goat.expert_load(raw_model).items()}},
                        max_steps, minutes_left=(now - t_loop) / (done - start_step) * (max_steps - done) / 60)
+        busy = time.time()
         if saving:  # before any evaluation: one that runs out of memory or outlasts a grace period loses no step
             run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
+            # a signal during a long write (a full model) or evaluation (generation on a large model) stops the
+            # run at this step, not a step later: the scheduler's grace period may not last another step
+            stopping = stopping or processes.any_rank(env, stop.received is not None)
         if evaluation_due(done) and not stopping:  # if stopping, the resumed run evaluates first
             evaluate_and_log(done)
-        if (saving or evaluation_due(done)) and not stopping:
-            # a signal during a long checkpoint write or evaluation (generation on a large model) stops the
-            # run here, not a step later: the scheduler's grace period may not last another step
             stopping = processes.any_rank(env, stop.received is not None)
             if stopping and not saving:
                 checked(done, task_loss, balance, grad_norm)
                 run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
-        if logging:  # every process counts afresh; the next speed leaves out this evaluation and checkpoint
+        t_log += time.time() - busy  # the speed counts training steps alone
+        if logging:  # every process counts afresh
             tokens, t_log = 0, time.time()
         if stopping and done < max_steps:
             raise run_folder.stopped(env, stop.received, done, max_steps, folder)
