@@ -132,7 +132,7 @@ def run(args, env, folder):
 
     def after_step(done, task_loss, balance, grad_norm, n_tokens, unread):
         """The bookkeeping of a step, on every process alike: the health check, the log, the
-        checkpoint, the --eval_every evaluation, and the stop after a signal."""
+        checkpoint, the --eval_every evaluation. True: a stop signal came and the checkpoint is written."""
         nonlocal tokens, skipped, t_log
         tokens, skipped = tokens + n_tokens, skipped + unread
         for path in unread:
@@ -171,8 +171,7 @@ def run(args, env, folder):
         t_log += time.time() - busy  # the speed counts training steps alone
         if logging:  # every process counts afresh
             tokens, t_log = 0, time.time()
-        if stopping and done < max_steps:
-            raise run_folder.stopped(env, stop.received, done, max_steps, folder)
+        return stopping and done < max_steps
 
     try:
         for step in range(start_step, max_steps):
@@ -181,7 +180,8 @@ def run(args, env, folder):
             micro = [next(stream) for _ in range(args.grad_accum)]
             task_loss, balance, grad_norm, n_tokens, unread = train_step(model, raw_model, micro, optimizer, scaler,
                                                                          params, args, env, autocast)
-            after_step(step + 1, task_loss, balance, grad_norm, n_tokens, unread)
+            if after_step(step + 1, task_loss, balance, grad_norm, n_tokens, unread):
+                raise run_folder.stopped(env, stop.received, step + 1, max_steps, folder)
     finally:
         stop.restore()
         stream.close()
