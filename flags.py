@@ -134,11 +134,12 @@ def differences(ours, theirs, keys, name=lambda key, value: value):
 
 
 def model_name(key, value):
-    """Models and adapters compare by name: the same files lie in other folders on other
-    machines (a model of None is the default model)."""
+    """Models, adapters and data folders compare by name: the same files lie in other
+    folders on other machines (a model of None is the default model); the data itself is
+    compared by content."""
     if key == "model":
         return Path(value or default_model()).name
-    return Path(value).name if key == "adapter" and value else value
+    return Path(value).name if key in ("adapter", "data_dir") and value else value
 
 
 def method_config(args):

@@ -400,6 +400,18 @@ def test_what_every_process_prints_alike_rank_0_says_once(capsys, monkeypatch):
     assert capsys.readouterr().out == "skipped 2 malformed rows\nprocess 3: skipped 5 malformed rows\n"
 
 
+def test_every_node_may_keep_the_model_and_data_elsewhere(tmp_path, monkeypatch):
+    """--data_dir is recorded resolved: the same relative path from another working folder
+    (another node) is another absolute path, and must still pass the flags check."""
+    seen = []
+    for node in ("a", "b"):
+        (tmp_path / node / "repo").mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / node / "repo")
+        args = flags.parse_args(["--data_dir=../glue", f"--model={tmp_path / node / 'MiniLM'}"])
+        seen.append({k: flags.model_name(k, v) for k, v in vars(args).items()})
+    assert seen[0] == seen[1]
+
+
 def test_a_bug_in_rank_0s_work_in_one_process_is_raised_as_it_is():
     with pytest.raises(KeyError, match="data"):  # its traceback, not a one-line exit
         processes.from_rank0(processes.Processes(), lambda: {}["data"])
