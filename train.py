@@ -130,6 +130,9 @@ def run(args, env, folder):
         health.check(done, values, args, scaler.is_enabled())  # never save a bad state over a good one
         return values  # the means over processes
 
+    def save(done):
+        run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
+
     def after_step(done, task_loss, balance, grad_norm, n_tokens, unread):
         """The bookkeeping of a step, on every process alike: the health check, the log, the
         checkpoint, the --eval_every evaluation. True: a stop signal came and the checkpoint is written."""
@@ -158,7 +161,7 @@ def run(args, env, folder):
                        max_steps, minutes_left=(now - t_loop) / (done - start_step) * (max_steps - done) / 60)
         busy = time.time()
         if saving:  # before any evaluation: one that runs out of memory or outlasts a grace period loses no step
-            run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
+            save(done)
             # a signal during a long write (a full model) or evaluation (generation on a large model) stops the
             # run at this step, not a step later: the scheduler's grace period may not last another step
             stopping = stopping or processes.any_rank(env, stop.received is not None)
@@ -167,7 +170,7 @@ def run(args, env, folder):
             stopping = processes.any_rank(env, stop.received is not None)
             if stopping and not saving:
                 checked(done, task_loss, balance, grad_norm)
-                run_folder.save_checkpoint(folder, raw_model, optimizer, scaler, done, record, env, learned)
+                save(done)
         t_log += time.time() - busy  # the speed counts training steps alone
         if logging:  # every process counts afresh
             tokens, t_log = 0, time.time()
