@@ -104,19 +104,33 @@ def start(args):
     if torch_older_than(2, 7):  # checked once every process is known to run the same torch: all stop together
         raise SystemExit(f"train.py needs torch >= 2.7 (DDP's init_sync, FSDP2 on CPUs; requirements.txt); this is "
                          f"{torch.__version__}: pip install 'torch>=2.7'. goat.py alone runs on torch 2.2 and later")
-    if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
-        args.dtype = "bfloat16" if kind == "cuda" else "float32"
-    if args.fsdp and args.dtype == "float16":
-        raise SystemExit("--fsdp with --dtype=float16 is not supported (its loss scaling is per process); use bfloat16")
     if args.fsdp and "RANK" not in os.environ:
         print("--fsdp needs torchrun (one process is fine: torchrun --nproc_per_node=1); training unsharded")
         env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
+    if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
+        args.dtype = auto_dtype(kind, args.fsdp)
+        same_everywhere(env, args.dtype, "resolve --dtype=auto differently (GPUs with and without bf16)",
+                        "give every process the same --dtype (bfloat16, float16 or float32)")
+    if args.fsdp and args.dtype == "float16":
+        raise SystemExit("--fsdp with --dtype=float16 is not supported (its loss scaling is per process); use bfloat16")
     # on CPUs too: torch 2.7.1 stops at the first forward ("FSDP expects uniform original parameter dtype")
     if args.fsdp and args.dtype == "bfloat16" and torch_older_than(2, 8):
         raise SystemExit(f"--fsdp with a bf16 base needs torch >= 2.8 (one FSDP group then holds the frozen bf16 "
                          f"base and the float32 adapters; pytorch#154103); this is {torch.__version__}: "
                          f"pip install 'torch>=2.8', or run with --dtype=float32")
     return env
+
+
+def auto_dtype(kind, fsdp):
+    """--dtype=auto: bf16 where the GPU has bf16 tensor cores (Ampere and later: A100,
+    H100, RTX 30xx). Older GPUs (V100, T4) have float16 tensor cores only, and bf16 runs
+    there at a fraction of their speed: float16 with a loss scaler, or float32 under FSDP,
+    whose float16 loss scaling would be per process."""
+    if kind != "cuda":
+        return "float32"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bfloat16"
+    return "float32" if fsdp else "float16"
 
 
 def torch_older_than(major, minor):

@@ -35,12 +35,14 @@ def torchrun(argv, nproc=2):
 
 # --- CUDA, faked as far as a CPU build allows ------------------------------------------------
 
-def fake_cuda(monkeypatch, count=2):
-    """torch.cuda as a machine with `count` GPUs shows it, up to the first real CUDA call:
-    set_device keeps its own argument check (the check that refused "cuda" without an index)."""
+def fake_cuda(monkeypatch, count=2, bf16=True):
+    """torch.cuda as a machine with `count` GPUs shows it (bf16 tensor cores or not), up to
+    the first real CUDA call: set_device keeps its own argument check (the check that
+    refused "cuda" without an index)."""
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.cuda._get_device_index(d)))
     return chosen
 
@@ -117,6 +119,29 @@ def test_a_torch_too_old_stops_every_process_at_set_up(version, kind, argv, matc
             processes.start(args)
     else:
         assert processes.start(args).fsdp == bool(argv)
+
+
+@pytest.mark.parametrize("bf16,argv,expected", [(True, [], "bfloat16"), (False, [], "float16"),
+                                               (False, ["--fsdp"], "float32"), (False, ["--dtype=bfloat16"], "bfloat16")])
+def test_auto_dtype_takes_float16_on_gpus_without_bf16_tensor_cores(bf16, argv, expected, monkeypatch):
+    """A T4 or V100 runs bf16 emulated (torch's own is_bf16_supported says yes there unless
+    asked for the hardware): auto takes float16, float32 under FSDP (whose float16 is refused);
+    a --dtype given is kept."""
+    fake_cuda(monkeypatch, count=1, bf16=bf16)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    if "--fsdp" in argv:  # a torchrun of one process, so --fsdp stays on
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        store = DictStore({"device kind 0": b"cuda"})
+        monkeypatch.setattr(processes.dist, "rendezvous", lambda *a: iter([(store, 0, 1)]))
+        monkeypatch.setattr(processes.dist, "PrefixStore", lambda prefix, store: store)
+        monkeypatch.setattr(processes.dist, "init_process_group", lambda backend, **kw: None)
+        monkeypatch.setattr(processes.dist, "new_group", lambda backend: "control")
+        monkeypatch.setattr(processes, "same_everywhere", lambda *a, **k: None)
+    args = flags.parse_args(["--device=cuda", *argv])
+    processes.start(args)
+    assert args.dtype == expected
 
 
 def test_fsdp_without_torchrun_trains_unsharded_before_any_fsdp_check(monkeypatch, capsys):

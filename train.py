@@ -55,7 +55,7 @@ def main(argv=None):
 
 def run(args, env, folder):
     t0 = time.time()
-    dtype = args.dtype  # resolved by processes.start: bfloat16 on a GPU, float32 on the CPU, unless given
+    dtype = args.dtype  # resolved by processes.start (auto: bf16 on a GPU with bf16 tensor cores)
     autocast = (nullcontext() if dtype == "float32"
                 else torch.autocast(device_type=env.device_type, dtype=getattr(torch, dtype)))
     scaler = torch.amp.GradScaler(env.device_type, enabled=dtype == "float16")  # only fp16 needs loss scaling
