@@ -2,7 +2,8 @@
 Speed and memory of GOAT against its floor and its alternatives, measured side by
 side in one run (variants interleaved in every repeat, medians after warm-up), so
 the ratios hold on a noisy machine. Each device runs what train.py runs there: on
-the CPU float32; on CUDA the frozen base in bf16 and the step under bf16 autocast.
+the CPU float32; on CUDA the frozen base in bf16 and the step under bf16 autocast (on GPUs
+before Ampere train.py takes float16; bench.py measures bf16 there too).
 
     python bench.py                 # CPU, then CUDA when a GPU is present
     python bench.py --quick         # a smoke test: small shapes, few repeats

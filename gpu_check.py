@@ -12,7 +12,7 @@ one that overruns what is left is stopped and reported "timed out".
 - bench: bench.py's rows on the device, one process per part: the layers (time, and
   memory per variant in isolation), the saved-for-backward budget under autocast, SVD
   init, activation checkpointing and the whole MiniLM training step (bf16 base and bf16
-  autocast on CUDA, as train.py runs it).
+  autocast on CUDA, as train.py runs it on GPUs with bf16 tensor cores).
 - train: train.py on a small BERT built from a config (no download; every dropout off,
   so that runs differ by precision, not chance) and a learnable synthetic task: the
   device's precision against the CPU in float32 (the first loss must agree closely:

@@ -109,8 +109,11 @@ def start(args):
         env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
     if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
         args.dtype = auto_dtype(kind, args.fsdp)
-        same_everywhere(env, args.dtype, "resolve --dtype=auto differently (GPUs with and without bf16)",
-                        "give every process the same --dtype (bfloat16, float16 or float32)")
+        same_everywhere(env, args.dtype, "resolve --dtype=auto differently, on GPUs with and without bf16",
+                        "give every process the same --dtype")
+        if kind == "cuda" and args.dtype != "bfloat16":
+            print0(env, f"--dtype=auto: {args.dtype}, as this GPU has no bf16 tensor cores (the frozen base "
+                        f"stays float32: twice bf16's memory; --dtype=bfloat16 runs bf16 emulated)")
     if args.fsdp and args.dtype == "float16":
         raise SystemExit("--fsdp with --dtype=float16 is not supported (its loss scaling is per process); use bfloat16")
     # on CPUs too: torch 2.7.1 stops at the first forward ("FSDP expects uniform original parameter dtype")
@@ -123,14 +126,15 @@ def start(args):
 
 def auto_dtype(kind, fsdp):
     """--dtype=auto: bf16 where the GPU has bf16 tensor cores (Ampere and later: A100,
-    H100, RTX 30xx). Older GPUs (V100, T4) have float16 tensor cores only, and bf16 runs
-    there at a fraction of their speed: float16 with a loss scaler, or float32 under FSDP,
-    whose float16 loss scaling would be per process."""
+    H100, RTX 30xx; AMD GPUs as ROCm's torch reports them). V100 and T4 have float16
+    tensor cores only, and bf16 runs there at a fraction of their speed: float16 with a
+    loss scaler, or float32 under FSDP, whose float16 loss scaling would be per process.
+    Older GPUs have no tensor cores: float32."""
     if kind != "cuda":
         return "float32"
     if torch.cuda.is_bf16_supported(including_emulation=False):
         return "bfloat16"
-    return "float32" if fsdp else "float16"
+    return "float16" if torch.cuda.get_device_capability()[0] >= 7 and not fsdp else "float32"
 
 
 def torch_older_than(major, minor):
@@ -326,7 +330,8 @@ class Health:
             when = f"at step {bad}" if bad >= 0 else f"by step {step} on another process"
             raise SystemExit(f"stopped: the loss or gradient norm became NaN or infinite {when}. "
                              f"Likely cause: a learning rate too high (--lr={args.lr:g}) or an overflow; lower "
-                             f"--lr, or check --eta/--scaling/--alpha. Nothing from that step on was saved.")
+                             f"--lr, or check --eta/--scaling/--alpha{'; float16 overflows where bf16 does not: try --dtype=float32' if fp16 else ''}"
+                             f". Nothing from that step on was saved.")
         if self.first_loss is None:
             self.first_loss = loss_value
         elif loss_value > max(10 * self.first_loss, self.first_loss + 10):

@@ -35,14 +35,16 @@ def torchrun(argv, nproc=2):
 
 # --- CUDA, faked as far as a CPU build allows ------------------------------------------------
 
-def fake_cuda(monkeypatch, count=2, bf16=True):
-    """torch.cuda as a machine with `count` GPUs shows it (bf16 tensor cores or not), up to
-    the first real CUDA call: set_device keeps its own argument check (the check that
-    refused "cuda" without an index)."""
+def fake_cuda(monkeypatch, count=2, capability=(9, 0)):
+    """torch.cuda as a machine with `count` GPUs of a compute capability shows it, up to the
+    first real CUDA call: set_device keeps its own argument check (the check that refused
+    "cuda" without an index); bf16 is emulated below 8.0, as torch reports it."""
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: capability[0] >= 8 or including_emulation)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.cuda._get_device_index(d)))
     return chosen
 
@@ -121,16 +123,19 @@ def test_a_torch_too_old_stops_every_process_at_set_up(version, kind, argv, matc
         assert processes.start(args).fsdp == bool(argv)
 
 
-@pytest.mark.parametrize("bf16,argv,expected", [(True, [], "bfloat16"), (False, [], "float16"),
-                                               (False, ["--fsdp"], "float32"), (False, ["--dtype=bfloat16"], "bfloat16")])
-def test_auto_dtype_takes_float16_on_gpus_without_bf16_tensor_cores(bf16, argv, expected, monkeypatch):
+@pytest.mark.parametrize("capability,argv,torchrun,expected", [
+    ((8, 0), [], False, "bfloat16"), ((7, 5), [], False, "float16"), ((7, 0), ["--fsdp"], True, "float32"),
+    ((7, 5), ["--fsdp"], False, "float16"),  # no torchrun: trains unsharded, so float16 is allowed
+    ((6, 1), [], False, "float32"), ((7, 5), ["--dtype=bfloat16"], False, "bfloat16")])
+def test_auto_dtype_takes_float16_on_gpus_without_bf16_tensor_cores(capability, argv, torchrun, expected,
+                                                                    monkeypatch, capsys):
     """A T4 or V100 runs bf16 emulated (torch's own is_bf16_supported says yes there unless
-    asked for the hardware): auto takes float16, float32 under FSDP (whose float16 is refused);
-    a --dtype given is kept."""
-    fake_cuda(monkeypatch, count=1, bf16=bf16)
+    asked for the hardware): auto takes float16; float32 under FSDP (whose float16 is refused)
+    and before Volta (no tensor cores); a --dtype given is kept."""
+    fake_cuda(monkeypatch, count=1, capability=capability)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    if "--fsdp" in argv:  # a torchrun of one process, so --fsdp stays on
+    if torchrun:  # a torchrun of one process, so --fsdp stays on
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", "1")
         store = DictStore({"device kind 0": b"cuda"})
@@ -138,10 +143,21 @@ def test_auto_dtype_takes_float16_on_gpus_without_bf16_tensor_cores(bf16, argv, 
         monkeypatch.setattr(processes.dist, "PrefixStore", lambda prefix, store: store)
         monkeypatch.setattr(processes.dist, "init_process_group", lambda backend, **kw: None)
         monkeypatch.setattr(processes.dist, "new_group", lambda backend: "control")
-        monkeypatch.setattr(processes, "same_everywhere", lambda *a, **k: None)
+        monkeypatch.setattr(processes, "gather", lambda env, value: [value])
     args = flags.parse_args(["--device=cuda", *argv])
     processes.start(args)
     assert args.dtype == expected
+    assert ("--dtype=auto: " in capsys.readouterr().out) == (expected != "bfloat16")
+
+
+def test_processes_that_resolve_auto_dtype_differently_all_stop(monkeypatch):
+    """A node of A100s and a node of V100s: bf16 on one, float16 on the other would train
+    with different precisions (and FSDP with different shard dtypes)."""
+    fake_cuda(monkeypatch, count=1, capability=(7, 0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(processes, "gather", lambda env, value: [value, "bfloat16" if value == "float16" else value])
+    with pytest.raises(SystemExit, match=r"resolve --dtype=auto differently.*process 1: bfloat16.*same --dtype"):
+        processes.start(flags.parse_args(["--device=cuda"]))
 
 
 def test_fsdp_without_torchrun_trains_unsharded_before_any_fsdp_check(monkeypatch, capsys):
