@@ -485,28 +485,39 @@ def test_processes_must_hold_the_same_weights_flags_and_data():
 def test_sigterm_and_ctrl_c_checkpoint_and_the_resumed_run_ends_like_an_uninterrupted_one(tiny_bert_dir, glue_dir,
                                                                                          tmp_path):
     flags_ = ["--epochs=3", "--lora_dropout=0.1", "--batch_size=8"]  # 36 steps, as the default job: no --max_steps
-    whole = run_script([sys.executable, "train.py", *sst2(tiny_bert_dir, tmp_path / "whole", glue_dir, *flags_)])
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
-        cut = tmp_path / name
-        argv = [sys.executable, "train.py", *sst2(tiny_bert_dir, cut, glue_dir, *flags_)]
-        proc = subprocess.Popen(argv, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+
+    def start(out_dir, *extra):  # one thread each: the runs of this test go side by side on two cores
+        return subprocess.Popen([sys.executable, "train.py", *sst2(tiny_bert_dir, out_dir, glue_dir, *flags_), *extra],
+                                cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        log = cut / "metrics.jsonl"
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and (not log.exists() or
-                                                                  len(log.read_text().split("\n")) < 9):
-            time.sleep(0.02)
-        proc.send_signal(sig)
+
+    whole = start(tmp_path / "whole")
+    cuts = {name: (sig, start(tmp_path / name)) for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT"))}
+    waiting, deadline = dict(cuts), time.time() + 120
+    while waiting and time.time() < deadline:  # each is stopped once it has logged 8 steps
+        for name, (sig, proc) in list(waiting.items()):
+            log = tmp_path / name / "metrics.jsonl"
+            if proc.poll() is not None or (log.exists() and len(log.read_text().split("\n")) >= 9):
+                proc.send_signal(sig)
+                del waiting[name]
+        time.sleep(0.02)
+    resumed = {}
+    for name, (sig, proc) in cuts.items():
         out, err = proc.communicate(timeout=120)
+        cut = tmp_path / name
         assert proc.returncode == 128 + sig, err[-3000:]
         assert f"stopped by {name}" in out and "--resume" in out
         assert (cut / "ckpt.pt").exists() and not (cut / "result.json").exists()
         assert 8 <= torch.load(cut / "ckpt.pt", weights_only=True)["step"] < 36
-        resumed = run_script(argv + ["--resume"])
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        resumed[name] = start(cut, "--resume")
+    out, err = whole.communicate(timeout=300)  # communicate, not wait: a full pipe would block the run
+    assert whole.returncode == 0, err[-3000:]
+    from safetensors.torch import load_file
+    for name, proc in resumed.items():
+        cut = tmp_path / name
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
         torch.testing.assert_close(torch.tensor(read_losses(cut)), torch.tensor(read_losses(tmp_path / "whole")))
-        from safetensors.torch import load_file
         a, b = load_file(cut / "adapter.safetensors"), load_file(tmp_path / "whole" / "adapter.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert read_result(cut)["metrics"] == read_result(tmp_path / "whole")["metrics"]
