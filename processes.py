@@ -109,11 +109,11 @@ def start(args):
         env.fsdp = args.fsdp = False  # config.json and the checkpoint say what ran
     if args.dtype == "auto":  # recorded resolved: a GPU run resumed on a CPU is a change the checks see
         args.dtype = auto_dtype(kind, args.fsdp)
-        same_everywhere(env, args.dtype, "resolve --dtype=auto differently, on GPUs with and without bf16",
+        same_everywhere(env, args.dtype, "resolve --dtype=auto differently, on different kinds of GPU",
                         "give every process the same --dtype")
         if kind == "cuda" and args.dtype != "bfloat16":
-            print0(env, f"--dtype=auto: {args.dtype}, as this GPU has no bf16 tensor cores (the frozen base "
-                        f"stays float32: twice bf16's memory; --dtype=bfloat16 runs bf16 emulated)")
+            print0(env, f"--dtype=auto: {args.dtype}; this GPU has no bf16 tensor cores (--dtype=bfloat16 runs "
+                        f"bf16 emulated); the frozen base stays float32, twice bf16's memory")
     if args.fsdp and args.dtype == "float16":
         raise SystemExit("--fsdp with --dtype=float16 is not supported (its loss scaling is per process); use bfloat16")
     # on CPUs too: torch 2.7.1 stops at the first forward ("FSDP expects uniform original parameter dtype")
@@ -328,10 +328,10 @@ class Health:
         if values[3] > 0 or not all(math.isfinite(v) for v in watched):
             bad = int(self.first_bad)
             when = f"at step {bad}" if bad >= 0 else f"by step {step} on another process"
+            overflow = "; float16 overflows where bf16 and float32 do not: try --dtype=bfloat16 or float32" if fp16 else ""
             raise SystemExit(f"stopped: the loss or gradient norm became NaN or infinite {when}. "
                              f"Likely cause: a learning rate too high (--lr={args.lr:g}) or an overflow; lower "
-                             f"--lr, or check --eta/--scaling/--alpha{'; float16 overflows where bf16 does not: try --dtype=float32' if fp16 else ''}"
-                             f". Nothing from that step on was saved.")
+                             f"--lr, or check --eta/--scaling/--alpha{overflow}. Nothing from that step on was saved.")
         if self.first_loss is None:
             self.first_loss = loss_value
         elif loss_value > max(10 * self.first_loss, self.first_loss + 10):
