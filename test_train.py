@@ -356,10 +356,11 @@ def test_ddp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path):
 def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_bert_dir, glue_dir, tmp_path):
     flags = ["--task=sst2", f"--data_dir={glue_dir}", "--method=goat", "--rank=8", "--experts=4",
              "--max_steps=60", "--batch_size=8", "--lr=5e-3", "--lora_dropout=0.1"]
-    whole = run_script([sys.executable, "train.py", *common(tiny_bert_dir, tmp_path / "whole", *flags)])
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    args = [sys.executable, "train.py", *common(tiny_bert_dir, tmp_path / "cut", *flags), "--ckpt_every=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.Popen([sys.executable, "train.py", *common(tiny_bert_dir, tmp_path / "whole", *flags)],
+                             cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)  # one thread, beside the cut run on the other core
+    args = [sys.executable, "train.py", *common(tiny_bert_dir, tmp_path / "cut", *flags), "--ckpt_every=3"]
     proc = subprocess.Popen(args, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "cut" / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -370,6 +371,8 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_bert_d
     resumed = run_script(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
+    _, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err[-3000:]
     torch.testing.assert_close(torch.tensor(read_losses(tmp_path / "cut")), torch.tensor(read_losses(tmp_path / "whole")))
     from safetensors.torch import load_file
     a, b = load_file(tmp_path / "cut" / "adapter.safetensors"), load_file(tmp_path / "whole" / "adapter.safetensors")
