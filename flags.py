@@ -95,8 +95,8 @@ def build_parser():
     r = p.add_argument_group("running").add_argument
     r("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto: cuda if there is a GPU)")
     r("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-      help="autocast dtype (default: auto: bfloat16 on GPUs that compute in it, Ampere and later; "
-           "float16 on older GPUs, float32 there with --fsdp; float32 on CPU)")
+      help="autocast dtype (default: auto: bfloat16 on GPUs with bf16 tensor cores, Ampere and later; "
+           "float16 on V100 and T4, float32 there with --fsdp; float32 on older GPUs and on CPU)")
     r("--compile", action="store_true", help="torch.compile the model")
     r("--grad_checkpointing", action="store_true", help="recompute each block's activations in backward")
     r("--fsdp", action="store_true", help="shard every transformer block over the processes (FSDP2)")

@@ -712,8 +712,11 @@ def test_an_fp16_overflow_step_is_not_a_fault():
     args = flags.parse_args([])
     health = processes.Health("cpu")
     health.check(1, [0.69, 1.0, float("inf"), 0.0], args, fp16=True)  # no stop
-    with pytest.raises(SystemExit, match="NaN or infinite"):
+    with pytest.raises(SystemExit, match="NaN or infinite") as stop:
         health.check(1, [0.69, 1.0, float("inf"), 0.0], args)  # bf16/fp32: a real fault
+    assert "--dtype" not in str(stop.value)
+    with pytest.raises(SystemExit, match="float16 overflows.*try --dtype=bfloat16 or float32"):
+        health.check(2, [float("nan"), 1.0, float("inf"), 0.0], args, fp16=True)  # an overflow in the forward
 
 
 def test_a_bad_step_on_another_process_stops_this_one_too():
