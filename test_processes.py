@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,29 +219,87 @@ def test_bad_devices_are_named(monkeypatch):
 
 # --- several processes (gloo on the CPU) -----------------------------------------------------
 
+def launched(argv, output):
+    """torchrun with two train.py processes, its output (the launcher's log too) into a file."""
+    with output.open("w") as file:  # the launcher holds its own copy
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", "train.py", *argv], cwd=HERE,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                                stdout=file, stderr=subprocess.STDOUT)
+
+
+def signal_launcher_with_workers_paused(launcher, sig, output):
+    """sig to torchrun, which passes it on to its workers; they are paused (SIGSTOP) until it
+    has, so the signal lands mid-run however slowly a busy machine passes it on (a run that
+    reached its last step first would end without the stop this test is about). Passed on:
+    the launcher has logged sending it, and it is pending or a second has gone by (a thread
+    that was not yet stopped may already have taken it)."""
+    children = (Path("/proc") / str(launcher.pid) / "task" / str(launcher.pid) / "children").read_text().split()
+    workers = [pid for pid in map(int, children) if b"train.py" in command_line(pid)]
+    assert len(workers) == 2, f"torchrun's workers: {workers} of {children}"
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        launcher.send_signal(sig)
+        sent_at, deadline = {}, time.time() + 60
+        while True:
+            log = output.read_text()
+            for pid in workers:
+                if f"Sending process {pid} closing signal {sig.name}" in log:
+                    sent_at.setdefault(pid, time.time())
+            if len(sent_at) == len(workers) and all(signal_pending(pid, sig) or time.time() > sent_at[pid] + 1
+                                                    for pid in workers):
+                break
+            assert time.time() < deadline, f"torchrun did not pass {sig.name} on within 60 s:\n{log[-3000:]}"
+            time.sleep(0.01)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+
+
+def command_line(pid):
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except FileNotFoundError:  # a short-lived child, gone
+        return b""
+
+
+def signal_pending(pid, sig):
+    """Whether sig waits to be delivered to the (paused) process: the kernel's pending sets."""
+    status = (Path("/proc") / str(pid) / "status").read_text()
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask >> (sig - 1) & 1 for mask in masks)
+
+
+def first_traceback_and_tail(out, chars=3000):
+    """A failed torchrun's output: the first process's traceback is the cause, and the end says how it ended."""
+    start = max(out.find("Traceback"), 0)
+    return out[start:start + chars] + "\n[...]\n" + out[-chars:]
+
+
 def preempted_and_resumed(argv, tmp_path, steps_before=5):
     """(the uninterrupted run's folder, the preempted-then-resumed run's folder): a SIGTERM to
-    the launcher once `steps_before` steps are logged, then the same command with --resume."""
-    whole = torchrun([a.replace("@", "whole") for a in argv])
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    the launcher once `steps_before` steps are logged, then the same command with --resume.
+    The uninterrupted run goes beside the cut one (their processes wait on each other's
+    collectives, which leaves the two cores room)."""
+    whole = launched([a.replace("@", "whole") for a in argv], tmp_path / "whole.out")
     cut = [a.replace("@", "cut") for a in argv]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train.py", *cut], cwd=HERE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = tmp_path / "cut.out"
+    proc = launched(cut, output)
     log = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and (not log.exists()
                                                               or len(log.read_text().split("\n")) <= steps_before):
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)  # the scheduler's preemption notice, to the launcher
-    out = proc.communicate(timeout=240)[0]
-    assert "stopped by SIGTERM" in out, out[-3000:]
+    signal_launcher_with_workers_paused(proc, signal.SIGTERM, output)  # the scheduler's preemption notice
+    proc.wait(timeout=240)
+    assert "stopped by SIGTERM" in output.read_text(), first_traceback_and_tail(output.read_text())
     stopped_at = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
     assert steps_before <= stopped_at and not (tmp_path / "cut" / "result.json").exists()
     resumed = torchrun(cut + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path / 'cut' / 'ckpt.pt'} at step {stopped_at}" in resumed.stdout
+    assert whole.wait(timeout=240) == 0, first_traceback_and_tail((tmp_path / "whole.out").read_text())
     return tmp_path / "whole", tmp_path / "cut"
 
 
