@@ -110,7 +110,24 @@ def read_result(out_dir):
     return json.loads((Path(out_dir) / "result.json").read_text())
 
 
-def run_script(args, **kw):
+def run_script(args):
     """A train.py process (one thread, unbuffered) in the repository folder."""
+    return run_scripts(args)[0]
+
+
+def run_scripts(*commands):
+    """Several such processes side by side (one thread each: a test's runs share the cores),
+    each finished as subprocess.run returns it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(args, cwd=HERE, env=env, capture_output=True, text=True, timeout=300, **kw)
+    procs = [subprocess.Popen(args, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in commands]
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done

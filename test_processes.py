@@ -25,13 +25,16 @@ import goat
 import processes
 import run_folder
 import train
-from conftest import HERE, read_losses, read_result, run_script
+from conftest import HERE, read_losses, read_result, run_script, run_scripts
 from test_robust import sst2
 
 
+def torchrun_command(argv, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *argv]
+
+
 def torchrun(argv, nproc=2):
-    return run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       "train.py", *argv])
+    return run_script(torchrun_command(argv, nproc))
 
 
 # --- CUDA, faked as far as a CPU build allows ------------------------------------------------
@@ -222,10 +225,8 @@ def test_bad_devices_are_named(monkeypatch):
 def launched(argv, output):
     """torchrun with two train.py processes, its output (the launcher's log too) into a file."""
     with output.open("w") as file:  # the launcher holds its own copy
-        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 "--nproc_per_node=2", "train.py", *argv], cwd=HERE,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-                                stdout=file, stderr=subprocess.STDOUT)
+        return subprocess.Popen(torchrun_command(argv), cwd=HERE, stdout=file, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
 def signal_launcher_with_workers_paused(launcher, sig, output):
@@ -331,10 +332,10 @@ def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path)
     for name in ("train.tsv", "dev.tsv"):  # 5 to 9 words: each process's micro-batches hold their own token counts
         header, *rows = (glue_dir / "SST-2" / name).read_text().splitlines()
         (varied / "SST-2" / name).write_text("\n".join([header] + ["the " * (i % 5) + row for i, row in enumerate(rows)]))
-    single = run_script([sys.executable, "train.py", *sst2(tiny_bert_dir, tmp_path / "one", varied, *flags_,
-                                                           "--batch_size=8")])
+    single, sharded = run_scripts(
+        [sys.executable, "train.py", *sst2(tiny_bert_dir, tmp_path / "one", varied, *flags_, "--batch_size=8")],
+        torchrun_command(sst2(tiny_bert_dir, tmp_path / "fsdp", varied, *flags_, "--batch_size=4", "--fsdp")))
     assert single.returncode == 0, single.stderr[-3000:]
-    sharded = torchrun(sst2(tiny_bert_dir, tmp_path / "fsdp", varied, *flags_, "--batch_size=4", "--fsdp"))
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     np.testing.assert_allclose(read_losses(tmp_path / "fsdp"), read_losses(tmp_path / "one"), rtol=1e-4, atol=1e-5)
     tokens = lambda run: [row["tokens"] for row in map(json.loads, (tmp_path / run / "metrics.jsonl").open())
@@ -373,15 +374,16 @@ def test_fsdp_with_a_bf16_base_under_autocast(tiny_bert_dir, glue_dir, tmp_path)
     """The CUDA default (bf16 frozen base, float32 adapters, bf16 autocast) sharded over two
     CPU processes: one FSDP group holds both dtypes, and the memory-saving autocast path
     runs inside it."""
-    sharded = torchrun(sst2(tiny_bert_dir, tmp_path / "fsdp", glue_dir, "--max_steps=6", "--batch_size=4",
-                            "--fsdp", "--dtype=bfloat16"))
+    sharded, full = run_scripts(
+        torchrun_command(sst2(tiny_bert_dir, tmp_path / "fsdp", glue_dir, "--max_steps=6", "--batch_size=4",
+                              "--fsdp", "--dtype=bfloat16")),
+        torchrun_command(sst2(tiny_bert_dir, tmp_path / "full", glue_dir, "--max_steps=4", "--batch_size=4", "--fsdp",
+                              "--dtype=bfloat16", "--method=full", "--lr=1e-4")))  # FSDP gathers bf16 copies, block by block
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert all(np.isfinite(read_losses(tmp_path / "fsdp")))
     from safetensors.torch import load_file
     saved = load_file(tmp_path / "fsdp" / "adapter.safetensors")
     assert all(v.dtype == torch.float32 for k, v in saved.items() if ".lora_" in k)
-    full = torchrun(sst2(tiny_bert_dir, tmp_path / "full", glue_dir, "--max_steps=4", "--batch_size=4", "--fsdp",
-                         "--dtype=bfloat16", "--method=full", "--lr=1e-4"))  # FSDP gathers bf16 copies, block by block
     assert full.returncode == 0, full.stderr[-3000:]
     assert all(np.isfinite(read_losses(tmp_path / "full")))
     assert all(v.dtype == torch.float32 for v in load_file(tmp_path / "full" / "model.safetensors").values()

@@ -20,7 +20,7 @@ import data
 import flags
 import run_folder
 import train
-from conftest import HERE, NEGATIVE, POSITIVE, SHARED_DATA, common, read_losses, read_result, run_script
+from conftest import HERE, NEGATIVE, POSITIVE, SHARED_DATA, common, read_losses, read_result, run_script, run_scripts
 
 # --- every method learns ----------------------------------------------------------
 
@@ -260,9 +260,9 @@ def test_docstring_task_does_not_depend_on_what_is_imported():
     standard library's, and the task is the same with or without them."""
     code = ("import data, run_folder; t = data.load_task('docstrings'); f = run_folder.data_fingerprint(t, t.train); "
             "print(len(t.train) + len(t.evals['dev']), f['train'] + f['evals']['dev'])")
-    plain = run_script([sys.executable, "-c", code])
-    loaded = run_script([sys.executable, "-c", "import logging, transformers, torch; from transformers import "
-                         "AutoModel; assert hasattr(logging.Logger, 'warning_once'); " + code])
+    plain, loaded = run_scripts([sys.executable, "-c", code], [
+        sys.executable, "-c", "import logging, transformers, torch; from transformers import AutoModel; "
+                              "assert hasattr(logging.Logger, 'warning_once'); " + code])
     assert plain.returncode == 0 and loaded.returncode == 0, plain.stderr + loaded.stderr
     assert plain.stdout.split()[-2:] == loaded.stdout.split()[-2:]
 
@@ -341,10 +341,11 @@ def test_bad_method_config_is_refused_before_training(tiny_bert_dir, glue_dir, t
 def test_ddp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path):
     flags = ["--task=sst2", f"--data_dir={glue_dir}", "--method=goat", "--rank=8", "--experts=4",
              "--lora_dropout=0", "--max_steps=6", "--lr=5e-3", "--grad_accum=2"]
-    single = run_script([sys.executable, "train.py", *common(tiny_bert_dir, tmp_path / "one", *flags, "--batch_size=8")])
+    single, ddp = run_scripts(
+        [sys.executable, "train.py", *common(tiny_bert_dir, tmp_path / "one", *flags, "--batch_size=8")],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         *common(tiny_bert_dir, tmp_path / "two", *flags, "--batch_size=4")])
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                      *common(tiny_bert_dir, tmp_path / "two", *flags, "--batch_size=4")])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("RESULT ") == 1  # rank 0 alone reports
     one, two = read_losses(tmp_path / "one"), read_losses(tmp_path / "two")
