@@ -362,13 +362,14 @@ def plan(results):
         lr = chosen["goat (Adam s)"]
         runs += [Run("ablation", task, label, lr, head, s, tuple(flags))
                  for s in LATER_SEEDS for task in TASKS for label, flags in ABLATIONS.items()]
+    if "goat" in chosen:  # the last ablation row, before the figures' runs
+        runs += [Run("ablation", task, GOAT_S[0], chosen["goat"], head, s, tuple(GOAT_S[1]))
+                 for s in LATER_SEEDS for task in TASKS]
+    if "goat (Adam s)" in chosen:
         runs += [Run("experts", task, label, lr, head, s, tuple(flags))
                  for s in LATER_SEEDS for task in TASKS for label, flags in EXPERT_COUNTS.items()]
         runs += [Run("sweep", task, label, lr, head, s, tuple(flags))
                  for s in LATER_SEEDS[:2] for task in SWEEP_TASKS for label, flags in SWEEP.items()]
-    if "goat" in chosen:
-        runs += [Run("ablation", task, GOAT_S[0], chosen["goat"], head, s, tuple(GOAT_S[1]))
-                 for s in LATER_SEEDS for task in TASKS]
     return runs, chosen
 
 
