@@ -555,6 +555,21 @@ def test_a_resumed_run_evaluates_no_step_twice(tiny_bert_dir, glue_dir, tmp_path
     assert [row["step"] for row in rows if "eval" in row] == list(range(2, step + 4, 2))
 
 
+def test_a_run_stopped_in_its_final_evaluation_resumes_into_it(tiny_bert_dir, glue_dir, tmp_path, capsys):
+    """A stop signal after the last step (the loop's handlers are gone) ends the run at once,
+    during the final evaluation: the last step's checkpoint is written, and --resume
+    evaluates it and ends as the run would have."""
+    run = tmp_path / "run"
+    first = train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=4"))
+    (run / "result.json").unlink()  # as a run ended during its final evaluation leaves it
+    manifest = run_folder.read_manifest(run)
+    run_folder.atomic_write(run / run_folder.MANIFEST, lambda f: f.write(run_folder.json_text(
+        dict(manifest, state="running")).encode()))
+    capsys.readouterr()
+    assert train.main(sst2(tiny_bert_dir, run, glue_dir, "--max_steps=4", "--resume")) == first
+    assert f"resumed from {run / 'ckpt.pt'} at step 4" in capsys.readouterr().out
+
+
 def test_resume_runs_no_svd(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
     """The checkpoint holds the initial factors: resuming rebuilds W_res from them."""
     run = tmp_path / "run"
