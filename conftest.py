@@ -5,6 +5,8 @@ import inspect
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -116,18 +118,8 @@ def run_script(args):
 
 
 def run_scripts(*commands):
-    """Several such processes side by side (one thread each: a test's runs share the cores),
-    each finished as subprocess.run returns it."""
+    """Several such processes side by side (one thread each: a test's runs share the cores)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for args in commands]
-    done = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return done
+    run = partial(subprocess.run, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(run, commands))

@@ -366,6 +366,7 @@ def plan(results):
         runs += [Run("ablation", task, GOAT_S[0], chosen["goat"], head, s, tuple(GOAT_S[1]))
                  for s in LATER_SEEDS for task in TASKS]
     if "goat (Adam s)" in chosen:
+        lr = chosen["goat (Adam s)"]
         runs += [Run("experts", task, label, lr, head, s, tuple(flags))
                  for s in LATER_SEEDS for task in TASKS for label, flags in EXPERT_COUNTS.items()]
         runs += [Run("sweep", task, label, lr, head, s, tuple(flags))

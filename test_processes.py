@@ -222,27 +222,39 @@ def test_bad_devices_are_named(monkeypatch):
 
 # --- several processes (gloo on the CPU) -----------------------------------------------------
 
-def launched(argv, output):
+def start_torchrun(argv, output):
     """torchrun with two train.py processes, its output (the launcher's log too) into a file."""
     with output.open("w") as file:  # the launcher holds its own copy
         return subprocess.Popen(torchrun_command(argv), cwd=HERE, stdout=file, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
-def signal_launcher_with_workers_paused(launcher, sig, output):
-    """sig to torchrun, which passes it on to its workers; they are paused (SIGSTOP) until it
-    has, so the signal lands mid-run however slowly a busy machine passes it on (a run that
-    reached its last step first would end without the stop this test is about). Passed on:
-    the launcher has logged sending it, and it is pending or a second has gone by (a thread
-    that was not yet stopped may already have taken it)."""
-    children = (Path("/proc") / str(launcher.pid) / "task" / str(launcher.pid) / "children").read_text().split()
-    workers = [pid for pid in map(int, children) if b"train.py" in command_line(pid)]
-    assert len(workers) == 2, f"torchrun's workers: {workers} of {children}"
-    for pid in workers:
-        os.kill(pid, signal.SIGSTOP)
+def torchrun_workers(launcher):
+    """{local rank: pid} of the launcher's train.py processes, read from Linux's /proc."""
+    workers = {}
+    for pid in (Path("/proc") / str(launcher.pid) / "task" / str(launcher.pid) / "children").read_text().split():
+        try:
+            environ = (Path("/proc") / pid / "environ").read_bytes().split(b"\0")
+        except FileNotFoundError:  # a short-lived child, gone
+            continue
+        workers.update({int(e.split(b"=")[1]): int(pid) for e in environ if e.startswith(b"LOCAL_RANK=")})
+    assert sorted(workers) == [0, 1], f"torchrun's workers: {workers}"
+    return workers
+
+
+def signal_through_launcher(launcher, workers, sig, output):
+    """sig to torchrun, which passes it on to its workers. They are paused (SIGSTOP) until it
+    has, so the signal lands at the step it was sent at rather than steps later on a busy
+    machine (a run that reached its last step first would end without the stop this test is
+    about). Passed on: the launcher has logged sending it, and it is pending or a second has
+    gone by (a thread that was not stopped yet may have taken it already)."""
+    paused = []
     try:
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+            paused.append(pid)
         launcher.send_signal(sig)
-        sent_at, deadline = {}, time.time() + 60
+        sent_at, deadline = {}, time.time() + 10  # well inside torchrun's own 30 s wait for its workers
         while True:
             log = output.read_text()
             for pid in workers:
@@ -251,18 +263,15 @@ def signal_launcher_with_workers_paused(launcher, sig, output):
             if len(sent_at) == len(workers) and all(signal_pending(pid, sig) or time.time() > sent_at[pid] + 1
                                                     for pid in workers):
                 break
-            assert time.time() < deadline, f"torchrun did not pass {sig.name} on within 60 s:\n{log[-3000:]}"
+            assert launcher.poll() is None and time.time() < deadline, \
+                f"torchrun did not pass {sig.name} on within 10 s:\n{first_traceback_and_tail(log)}"
             time.sleep(0.01)
     finally:
-        for pid in workers:
-            os.kill(pid, signal.SIGCONT)
-
-
-def command_line(pid):
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
-    except FileNotFoundError:  # a short-lived child, gone
-        return b""
+        for pid in paused:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
 
 def signal_pending(pid, sig):
@@ -278,39 +287,61 @@ def first_traceback_and_tail(out, chars=3000):
     return out[start:start + chars] + "\n[...]\n" + out[-chars:]
 
 
-def preempted_and_resumed(argv, tmp_path, steps_before=5):
-    """(the uninterrupted run's folder, the preempted-then-resumed run's folder): a SIGTERM to
-    the launcher once `steps_before` steps are logged, then the same command with --resume.
-    The uninterrupted run goes beside the cut one (their processes wait on each other's
-    collectives, which leaves the two cores room)."""
-    whole = launched([a.replace("@", "whole") for a in argv], tmp_path / "whole.out")
-    cut = [a.replace("@", "cut") for a in argv]
-    output = tmp_path / "cut.out"
-    proc = launched(cut, output)
-    log = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and (not log.exists()
-                                                              or len(log.read_text().split("\n")) <= steps_before):
-        time.sleep(0.02)
-    signal_launcher_with_workers_paused(proc, signal.SIGTERM, output)  # the scheduler's preemption notice
-    proc.wait(timeout=240)
-    assert "stopped by SIGTERM" in output.read_text(), first_traceback_and_tail(output.read_text())
-    stopped_at = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
-    assert steps_before <= stopped_at and not (tmp_path / "cut" / "result.json").exists()
-    resumed = torchrun(cut + ["--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {tmp_path / 'cut' / 'ckpt.pt'} at step {stopped_at}" in resumed.stdout
-    assert whole.wait(timeout=240) == 0, first_traceback_and_tail((tmp_path / "whole.out").read_text())
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers in /proc (Linux)")
+
+
+def preempted_and_resumed(argv, tmp_path, steps_before=5, one_process=False):
+    """(the uninterrupted run's folder, the preempted-then-resumed run's folder): a SIGTERM once
+    `steps_before` steps are logged, to the launcher (as a scheduler sends it) or, with
+    one_process, to local rank 1 alone (every process must still stop after the same step),
+    then the same command with --resume. The uninterrupted run goes beside the cut one: each
+    run's processes spend part of a step waiting in gloo, which leaves the cores room."""
+    whole = start_torchrun([a.replace("@", "whole") for a in argv], tmp_path / "whole.out")
+    cut, output = [a.replace("@", "cut") for a in argv], tmp_path / "cut.out"
+    cut_run = start_torchrun(cut, output)
+    try:
+        log = tmp_path / "cut" / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and cut_run.poll() is None and (
+                not log.exists() or len(log.read_text().split("\n")) <= steps_before):
+            time.sleep(0.02)
+        assert cut_run.poll() is None, f"the run ended before step {steps_before}:\n" + \
+            first_traceback_and_tail(output.read_text())
+        workers = torchrun_workers(cut_run)
+        if one_process:
+            os.kill(workers[1], signal.SIGTERM)
+            said = "stopped by a signal on another process"  # rank 0, which reports, was not signalled
+        else:
+            signal_through_launcher(cut_run, list(workers.values()), signal.SIGTERM, output)
+            said = "stopped by SIGTERM"
+        cut_run.wait(timeout=240)
+        assert said in output.read_text(), first_traceback_and_tail(output.read_text())
+        stopped_at = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
+        assert steps_before <= stopped_at and not (tmp_path / "cut" / "result.json").exists()
+        resumed = torchrun(cut + ["--resume"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resumed from {tmp_path / 'cut' / 'ckpt.pt'} at step {stopped_at}" in resumed.stdout
+        assert whole.wait(timeout=240) == 0, first_traceback_and_tail((tmp_path / "whole.out").read_text())
+    finally:  # a failed check leaves no run loading the cores under later tests
+        for run in (whole, cut_run):
+            if run.poll() is None:
+                run.terminate()  # torchrun ends its own workers
+                try:
+                    run.wait(timeout=40)
+                except subprocess.TimeoutExpired:
+                    run.kill()
     return tmp_path / "whole", tmp_path / "cut"
 
 
+@needs_proc
 def test_ddp_dropout_streams_differ_per_process_and_a_preempted_run_resumes(tiny_bert_dir, glue_dir, tmp_path):
     """Two processes with dropout: each draws its own masks (their random states differ),
-    a SIGTERM to the launcher stops both after the same step with one checkpoint, and
+    a SIGTERM to one process alone stops both after the same step with one checkpoint, and
     the resumed run (rank 0 sends the checkpoint's parts tensor by tensor) ends where an
     uninterrupted one does."""
     flags_ = ["--max_steps=40", "--lora_dropout=0.1", "--batch_size=4", "--ckpt_every=1000"]
-    whole, cut = preempted_and_resumed(sst2(tiny_bert_dir, tmp_path / "@", glue_dir, *flags_), tmp_path)
+    whole, cut = preempted_and_resumed(sst2(tiny_bert_dir, tmp_path / "@", glue_dir, *flags_), tmp_path,
+                                       one_process=True)
     rngs = torch.load(whole / "ckpt.pt", weights_only=True)["rng"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"])
     np.testing.assert_allclose(read_losses(cut), read_losses(whole), rtol=1e-5)
@@ -354,6 +385,7 @@ def test_fsdp_two_processes_match_one_process(tiny_bert_dir, glue_dir, tmp_path)
     assert metrics["dev"] == read_result(tmp_path / "fsdp")["metrics"]["dev"]
 
 
+@needs_proc
 @pytest.mark.parametrize("method", ["goat", "full"])
 def test_fsdp_checkpoints_on_rank_0_and_a_preempted_run_resumes(method, tiny_bert_dir, glue_dir, tmp_path):
     """Under FSDP the whole state is gathered on rank 0 alone (cpu_offload), and a resume
