@@ -112,6 +112,9 @@ def read_result(out_dir):
     return json.loads((Path(out_dir) / "result.json").read_text())
 
 
+SCRIPT_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # one thread, output as it comes
+
+
 def run_script(args):
     """A train.py process (one thread, unbuffered) in the repository folder."""
     return run_scripts(args)[0]
@@ -119,7 +122,6 @@ def run_script(args):
 
 def run_scripts(*commands):
     """Several such processes side by side (one thread each: a test's runs share the cores)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    run = partial(subprocess.run, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    run = partial(subprocess.run, cwd=HERE, env=SCRIPT_ENV, capture_output=True, text=True, timeout=300)
     with ThreadPoolExecutor(len(commands)) as pool:
         return list(pool.map(run, commands))

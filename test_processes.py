@@ -25,7 +25,7 @@ import goat
 import processes
 import run_folder
 import train
-from conftest import HERE, read_losses, read_result, run_script, run_scripts
+from conftest import HERE, SCRIPT_ENV, read_losses, read_result, run_script, run_scripts
 from test_robust import sst2
 
 
@@ -225,8 +225,8 @@ def test_bad_devices_are_named(monkeypatch):
 def start_torchrun(argv, output):
     """torchrun with two train.py processes, its output (the launcher's log too) into a file."""
     with output.open("w") as file:  # the launcher holds its own copy
-        return subprocess.Popen(torchrun_command(argv), cwd=HERE, stdout=file, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        return subprocess.Popen(torchrun_command(argv), cwd=HERE, env=SCRIPT_ENV, stdout=file,
+                                stderr=subprocess.STDOUT)
 
 
 def torchrun_workers(launcher):
@@ -317,7 +317,8 @@ def preempted_and_resumed(argv, tmp_path, steps_before=5, one_process=False):
         cut_run.wait(timeout=240)
         assert said in output.read_text(), first_traceback_and_tail(output.read_text())
         stopped_at = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"]
-        assert steps_before <= stopped_at and not (tmp_path / "cut" / "result.json").exists()
+        assert steps_before <= stopped_at, f"stopped at step {stopped_at}: no {steps_before} steps logged in 240 s"
+        assert not (tmp_path / "cut" / "result.json").exists()
         resumed = torchrun(cut + ["--resume"])
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"resumed from {tmp_path / 'cut' / 'ckpt.pt'} at step {stopped_at}" in resumed.stdout
@@ -581,7 +582,7 @@ def test_sigterm_and_ctrl_c_checkpoint_and_the_resumed_run_ends_like_an_uninterr
 
     def start(out_dir, *extra):  # one thread each: the runs of this test go side by side on two cores
         return subprocess.Popen([sys.executable, "train.py", *sst2(tiny_bert_dir, out_dir, glue_dir, *flags_), *extra],
-                                cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                                cwd=HERE, env=SCRIPT_ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     whole = start(tmp_path / "whole")
