@@ -837,6 +837,16 @@ def plots(records, out):
         if any(values for rows, _ in differences.values() for values, _ in rows.values()):
             plotting.plot_intervals(differences, out / "study_ablations.png", "Each variant minus GOAT with the Adam "
                                     "scale, paired by seed (1-3): dots, mean and 95% interval", "difference x100")
+        seeds = LATER_SEEDS[:2]  # the paper's Fig. 1: each segment's score, GOAT and the head alone beside them
+        references = {"goat (Adam s), 8 experts": ("seeds", "goat (Adam s)", adam_lr),
+                      "head only": ("seeds", "head only", records.chosen["head"])}
+        rows = {**references, **{label: ("sweep", label, adam_lr) for label in SWEEP}}
+        segments = {TASK_NAMES[t]: ({label: (list(records.dev(part, t, run_label, lr, seeds).values()), None)
+                                     for label, (part, run_label, lr) in rows.items()}, None) for t in SWEEP_TASKS}
+        if any(panel_rows[label][0] for panel_rows, _ in segments.values() for label in SWEEP):
+            plotting.plot_intervals(segments, out / "study_segments.png", "One rank-32 LoRA from each SVD segment "
+                                    f"(0: the largest singular values),\nAdam scale, lr {adam_lr:g}: each seed (dots) "
+                                    "and their mean", "dev metric x100")
 
 
 def with_interval(values):
