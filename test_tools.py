@@ -110,7 +110,7 @@ def test_report_from_result_files_alone(tmp_path, monkeypatch):
     assert lora_row.count("+2.0 [+2.0, +2.0]") == 3, lora_row  # exact, a zero-width interval, every task
     assert "| goat | 1 | 1 | 1 | 1.00 |" in text  # first on every task
     assert "every part of the plan has run" in text
-    for plot in ("lr_sweep", "loss_sst2", "headline", "ablations", "expert_load_cola"):
+    for plot in ("lr_sweep", "loss_sst2", "headline", "ablations", "segments", "expert_load_cola"):
         assert (tmp_path / f"study_{plot}.png").exists(), plot
 
 
@@ -132,7 +132,7 @@ def test_the_plots_of_a_study_half_run(tmp_path, monkeypatch):
             results[run.id]["expert_load"] = {"encoder.0.query": [0.75, 0.25]}
     study.plots(study.Records(results), tmp_path)
     assert (tmp_path / "study_headline.png").exists() and (tmp_path / "study_expert_load_cola.png").exists()
-    assert not (tmp_path / "study_ablations.png").exists()
+    assert not (tmp_path / "study_ablations.png").exists() and not (tmp_path / "study_segments.png").exists()
 
 
 def test_a_task_whose_validation_and_dev_order_methods_differently_is_named(monkeypatch):
