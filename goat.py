@@ -272,11 +272,16 @@ def router_logits(x, router):
 
 def gate_from_logits(logits, top_k):
     """Softmax probabilities p (T x E), the top-k indicator (T x E), and the gate
-    G = top-k probabilities renormalised to sum to one (zero elsewhere). No host sync."""
+    G = top-k probabilities renormalised to sum to one (zero elsewhere). No host sync.
+    G is computed as the softmax of the chosen logits alone, the same numbers: an expert
+    left out then gets exactly zero gradient from G. Renormalising p instead leaves it
+    rounding noise (about 1e-12), which Adam, dividing by the gradient's size, turns
+    into steps: without the balance loss, never-chosen rows of the router would drift."""
     probs = logits.softmax(dim=-1)
-    chosen = torch.zeros_like(probs).scatter_(-1, probs.topk(top_k, dim=-1).indices, 1.0)
-    kept = probs * chosen
-    return probs, chosen, kept / kept.sum(dim=-1, keepdim=True)
+    picked = probs.topk(top_k, dim=-1).indices
+    chosen = torch.zeros_like(probs).scatter_(-1, picked, 1.0)
+    gate = torch.zeros_like(probs).scatter(-1, picked, logits.gather(-1, picked).softmax(dim=-1))
+    return probs, chosen, gate
 
 
 def route(x, router, top_k):

@@ -485,6 +485,23 @@ def test_routing_rows_sum_to_one_on_the_top_k(setup):
     torch.testing.assert_close(gate.gather(-1, top.indices), top.values / top.values.sum(-1, keepdim=True))
 
 
+def test_an_expert_no_token_chose_gets_no_router_gradient_from_the_output():
+    """The gate depends on the chosen logits alone, so the router row of an expert that no
+    token chose gets exactly zero gradient from the output. In float32, renormalising p
+    leaves it about 1e-10 of rounding noise, which Adam (dividing by the gradient's size,
+    eps 1e-8) would turn into a tenth of a step; only the balance loss should move it."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layer = GOATLinear(nn.Linear(32, 24), GOATConfig(rank=8, experts=8, top_k=2, dropout=0.0))
+        x = torch.randn(3, 32)  # 3 tokens, top-2 of 8: at least 2 experts unchosen
+        layer(x).square().sum().backward()
+        _, chosen, _ = goat.route(x, layer.lora_router.detach(), layer.top_k)
+        unchosen = chosen.sum(0) == 0
+        grad = layer.lora_router.grad
+        assert unchosen.sum() >= 2 and torch.equal(grad[unchosen], torch.zeros_like(grad[unchosen]))
+        assert (grad[~unchosen] != 0).any(dim=-1).all()  # the chosen rows do learn
+
+
 def test_gradcheck_tiny_layer():
     torch.manual_seed(5)
     layer = GOATLinear(nn.Linear(6, 5).double(), GOATConfig(rank=4, experts=2, top_k=1, dropout=0.0))
