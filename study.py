@@ -103,7 +103,7 @@ COMMON = ["--epochs=3", "--batch_size=32", "--rank=32", "--alpha=64", "--warmup=
           "--lora_dropout=0.05", "--max_len=128", "--grad_clip=1.0", "--log_every=5", "--ckpt_every=1000000"]
 # about x3 apart, up to the largest rate train.py accepts (the head-only control still rose at 0.3)
 LADDER = [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]
-TUNING_SEED, REPORT_SEEDS, LATER_SEEDS = 0, (1, 2, 3, 4, 5), (1, 2, 3)
+TUNING_SEED, REPORT_SEEDS, LATER_SEEDS, SWEEP_SEEDS = 0, (1, 2, 3, 4, 5), (1, 2, 3), (1, 2)
 
 HEAD_ONLY = ["--method=lora", "--scaling=1e-9"]  # s = 1e-9: the encoder stays as it is; the head learns
 HEAD_GRID = [1e-3, 3e-3, 1e-2]
@@ -370,7 +370,7 @@ def plan(results):
         runs += [Run("experts", task, label, lr, head, s, tuple(flags))
                  for s in LATER_SEEDS for task in TASKS for label, flags in EXPERT_COUNTS.items()]
         runs += [Run("sweep", task, label, lr, head, s, tuple(flags))
-                 for s in LATER_SEEDS[:2] for task in SWEEP_TASKS for label, flags in SWEEP.items()]
+                 for s in SWEEP_SEEDS for task in SWEEP_TASKS for label, flags in SWEEP.items()]
     return runs, chosen
 
 
@@ -509,6 +509,10 @@ def fmt_mean_std(values):
 
 
 def fmt_interval(values):
+    """Mean [95% t interval]; with fewer than 3 values, each value (a t interval on one
+    degree of freedom is too wide to read, and two equal values would show a zero-width one)."""
+    if len(values) < 3:
+        return " / ".join(f"{v * 100:+.1f}" for v in values) + " (per seed)"
     mean, half = t_interval(values)
     return f"{mean * 100:+.1f}" + (f" [{(mean - half) * 100:+.1f}, {(mean + half) * 100:+.1f}]" if half is not None else "")
 
@@ -633,6 +637,30 @@ def paired_table(records, label, others):
         lines.append(f"| {other} | " + " | ".join(cells) + " |")
     lines.append("\nDev metric x100: mean paired difference over seeds [95% Student t interval].")
     return "\n".join(lines)
+
+
+PLANNED_DETECTABLE = {"docstrings": 4.4, "sst2": 1.0, "cola": 2.5}  # x100, from round one's spread (docstring)
+
+
+def detectable(records):
+    """The smallest difference the headline detects (80% power, two-sided 95%, 5 paired
+    seeds: 1.68 paired standard deviations), as planned and as achieved: from the median
+    paired standard deviation over every pair of methods on seeds 1-5."""
+    labels = [x for x in METHODS if x in records.chosen]
+    lines = ["| task | planned | achieved | median paired sd | pairs |", "|---|---|---|---|---|"]
+    for task in TASKS:
+        sds = []
+        for i, a in enumerate(labels):
+            for b in labels[i + 1:]:
+                mine, theirs = records.headline_scores(a)[task], records.headline_scores(b)[task]
+                diffs = [mine[s] - theirs[s] for s in REPORT_SEEDS if s in mine and s in theirs]
+                if len(diffs) == len(REPORT_SEEDS):
+                    sds.append(statistics.stdev(diffs))
+        if sds:
+            sd = statistics.median(sds)
+            lines.append(f"| {TASK_NAMES[task]} | {PLANNED_DETECTABLE[task]:.1f} | {1.68 * sd * 100:.1f} | "
+                         f"{sd * 100:.1f} | {len(sds)} |")
+    return "\n".join(lines) + "\n\nDev metric x100." if len(lines) > 2 else ""
 
 
 def mean_ranks(records):
@@ -764,6 +792,7 @@ def report(records):
         sections.append((f"Paired differences: {label}",
                          paired_table(records, label, ["goat (Adam s)", "goat", "goat (alpha)", "molora", "lora",
                                                        "pissa", "milora", "full", "head only"])))
+    sections.append(("The smallest difference the headline detects", detectable(records)))
     sections.append(("Does validation rank the methods as dev does?", split_agreement(records)))
     sections.append(("train.py's defaults, by the rule fixed beforehand", defaults(records)))
     adam_lr, paper_lr = records.chosen.get("goat (Adam s)"), records.chosen.get("goat")
@@ -776,7 +805,7 @@ def report(records):
                                        LATER_SEEDS)))
         sections.append(("One LoRA from each SVD segment (Fig. 1; seeds 1-2)",
                          variant_table(records, "sweep", SWEEP, "goat (Adam s)", adam_lr, list(SWEEP_TASKS),
-                                       LATER_SEEDS[:2])))
+                                       SWEEP_SEEDS)))
     if paper_lr is not None:
         sections.append(("GOAT-s against GOAT (paper scale, seeds 1-3)",
                          variant_table(records, "ablation", dict([GOAT_S]), "goat", paper_lr, list(TASKS),
@@ -837,7 +866,7 @@ def plots(records, out):
         if any(values for rows, _ in differences.values() for values, _ in rows.values()):
             plotting.plot_intervals(differences, out / "study_ablations.png", "Each variant minus GOAT with the Adam "
                                     "scale, paired by seed (1-3): dots, mean and 95% interval", "difference x100")
-        seeds = LATER_SEEDS[:2]  # the paper's Fig. 1: each segment's score, GOAT and the head alone beside them
+        seeds = SWEEP_SEEDS  # the paper's Fig. 1: each segment's score, GOAT and the head alone beside them
         references = {"goat (Adam s), 8 experts": ("seeds", "goat (Adam s)", adam_lr),
                       "head only": ("seeds", "head only", records.chosen["head"])}
         rows = {**references, **{label: ("sweep", label, adam_lr) for label in SWEEP}}
@@ -846,7 +875,7 @@ def plots(records, out):
         if any(panel_rows[label][0] for panel_rows, _ in segments.values() for label in SWEEP):
             plotting.plot_intervals(segments, out / "study_segments.png", "One rank-32 LoRA from each SVD segment "
                                     f"(0: the largest singular values),\nAdam scale, lr {adam_lr:g}: each seed (dots) "
-                                    "and their mean", "dev metric x100")
+                                    "and their mean (2 seeds: no interval)", "dev metric x100")
 
 
 def with_interval(values):

@@ -109,14 +109,21 @@ def test_report_from_result_files_alone(tmp_path, monkeypatch):
     lora_row = next(line for line in section.splitlines() if line.startswith("| lora |"))
     assert lora_row.count("+2.0 [+2.0, +2.0]") == 3, lora_row  # exact, a zero-width interval, every task
     assert "| goat | 1 | 1 | 1 | 1.00 |" in text  # first on every task
+    assert "| SST-2 acc | 1.0 | 0.0 | 0.0 | 6 |" in text  # every paired difference constant: sd 0, 6 pairs of 4 rows
     assert "every part of the plan has run" in text
     for plot in ("lr_sweep", "loss_sst2", "headline", "ablations", "segments", "expert_load_cola"):
         assert (tmp_path / f"study_{plot}.png").exists(), plot
 
 
+def test_two_paired_values_are_shown_per_seed_and_three_get_an_interval():
+    assert study.fmt_interval([0.01, 0.01]) == "+1.0 / +1.0 (per seed)"  # not a zero-width "interval"
+    assert study.fmt_interval([0.01, 0.02, 0.03]) == "+2.0 [-0.5, +4.5]"  # 2 +- 4.303 x 1 / sqrt(3)
+
+
 def test_the_plots_of_a_study_half_run(tmp_path, monkeypatch):
     """Mid-study: one seed for some rows, a diverged run, the Adam row chosen before any
-    ablation has run. The headline and expert load are drawn; the ablations wait."""
+    ablation has run. The headline and expert load are drawn; the ablations and the
+    per-segment sweep wait."""
     monkeypatch.setattr(study, "METHODS", {k: study.METHODS[k] for k in ("lora", "goat", "goat (Adam s)")})
     results = {}
     for _ in range(6):  # tuning only: the seeds are due, none has run
