@@ -27,6 +27,8 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -105,6 +107,7 @@ def train_head(name, feats, classes, lr, seed, std, epochs=3, batch=32):
 def run(args):
     from transformers import AutoModel, AutoTokenizer
     torch.set_num_threads(1)
+    started = time.time()
     model = args.model or flags.default_model()
     tokenizer, encoder = AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
     std = encoder.config.initializer_range
@@ -124,7 +127,16 @@ def run(args):
                           for s in SEEDS]
                 records.append({"task": name, "head": head, "lr": lr, "val": scores, "majority": majority})
                 print(f"{name:10s} {head:32s} lr {lr:<7g} val {' '.join(f'{v:.3f}' for v in scores)}", flush=True)
-    return {"model": run_folder.model_label(args), "records": records}
+    return {"model": run_folder.model_label(args), "commit": commit(), "seconds": round(time.time() - started),
+            "records": records}
+
+
+def commit():
+    """The commit that made the records, marked if the files they depend on had changes."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "head_rate.py", "data.py", "flags.py"], cwd=HERE,
+                           capture_output=True, text=True).stdout.strip()
+    return (head.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
 def choose(records):
@@ -146,7 +158,8 @@ def report(results):
     records = results["records"]
     rate, relative = choose(records)
     lines = [f"Heads trained alone on frozen {results['model']} features, validation metric x100, mean over seeds "
-             f"{', '.join(map(str, SEEDS))} (`python head_rate.py --report_only`).", "",
+             f"{', '.join(map(str, SEEDS))} (`python head_rate.py --report_only`; made at commit "
+             f"{results['commit']} in {results['seconds'] / 60:.0f} minutes on one thread).", "",
              "| task | head | " + " | ".join(f"lr {lr:g}" for lr in RATES) + " |",
              "|---|---|" + "---|" * len(RATES)]
     by = {(r["task"], r["head"], r["lr"]): r for r in records}
