@@ -79,11 +79,12 @@ def plot_lr_sweeps(sweeps, path):
     plt.close(fig)
 
 
-def plot_intervals(panels, path, title, xlabel):
+def plot_intervals(panels, path, title, xlabel, seeds=None):
     """One panel per task, one row per method or variant: each seed's value a dot, the
     mean an open square with its 95% interval, n at the right. panels: {panel title:
     (rows, reference)}; rows: {label: (values, interval half-width or None)};
-    reference: the x of a dashed line (0 for differences), or None."""
+    reference: the x of a dashed line (0 for differences), or None. seeds: the seeds
+    every row's values come from, in order, to colour each seed's dots apart."""
     labels = list(dict.fromkeys(label for rows, _ in panels.values() for label in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1.5, 0.32 * len(labels) + 1.4),
                              sharey=True, squeeze=False)
@@ -95,13 +96,19 @@ def plot_intervals(panels, path, title, xlabel):
             mean = sum(values) / len(values)
             ax.errorbar(100 * mean, y, xerr=None if half is None else 100 * half, fmt="s", color="C0",
                         markerfacecolor="none", markersize=6, capsize=3)
-            ax.plot([100 * v for v in values], [y] * len(values), "o", color="0.35", markersize=3)
+            if seeds and len(values) == len(seeds):
+                for j, (seed, v) in enumerate(zip(seeds, values)):
+                    ax.plot(100 * v, y, "o", color=f"C{j + 1}", markersize=3, label=f"seed {seed}" if y == 0 else None)
+            else:
+                ax.plot([100 * v for v in values], [y] * len(values), "o", color="0.35", markersize=3)
             ax.text(1.01, y, f"n={len(values)}", transform=ax.get_yaxis_transform(), fontsize=6, va="center")
         if reference is not None:
             ax.axvline(100 * reference, color="0.3", linestyle="--", linewidth=0.8)
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(axis="x", linewidth=0.3)
+    if seeds:
+        axes[0][-1].legend(fontsize=7, loc="lower left")
     axes[0][0].set_yticks(range(len(labels)), labels, fontsize=7)
     axes[0][0].invert_yaxis()  # the first row on top, as in the tables
     fig.suptitle(title, fontsize=10)

@@ -875,7 +875,7 @@ def plots(records, out):
         if any(panel_rows[label][0] for panel_rows, _ in segments.values() for label in SWEEP):
             plotting.plot_intervals(segments, out / "study_segments.png", "One rank-32 LoRA from each SVD segment "
                                     f"(0: the largest singular values),\nAdam scale, lr {adam_lr:g}: each seed (dots) "
-                                    "and their mean (2 seeds: no interval)", "dev metric x100")
+                                    "and their mean (2 seeds: no interval)", "dev metric x100", seeds=seeds)
 
 
 def with_interval(values):
