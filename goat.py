@@ -275,10 +275,13 @@ def gate_from_logits(logits, top_k):
     G = top-k probabilities renormalised to sum to one (zero elsewhere). No host sync.
     G is computed as the softmax of the chosen logits alone, the same numbers: an expert
     left out then gets exactly zero gradient from G. Renormalising p instead leaves it
-    rounding noise (about 1e-12), which Adam, dividing by the gradient's size, turns
-    into steps: without the balance loss, never-chosen rows of the router would drift."""
+    rounding noise (1e-10 to 1e-9 in float32), which Adam, dividing by the gradient's
+    size, turns into steps: without the balance loss, never-chosen router rows drift.
+    The top-k of the logits, not of p: the same experts, but no ties where p underflows,
+    and a NaN logit is chosen (topk ranks NaN highest), so G shows it, not routes round it.
+    With top-1, G is 1 for the chosen expert: the router learns from the balance loss alone."""
     probs = logits.softmax(dim=-1)
-    picked = probs.topk(top_k, dim=-1).indices
+    picked = logits.topk(top_k, dim=-1).indices
     chosen = torch.zeros_like(probs).scatter_(-1, picked, 1.0)
     gate = torch.zeros_like(probs).scatter(-1, picked, logits.gather(-1, picked).softmax(dim=-1))
     return probs, chosen, gate
@@ -598,7 +601,8 @@ def trainable_parameters(model):
 def moe_loop_forward(layer, x):
     """The same output as GOATLinear.forward, written as the authors' per-expert loop
     (softmax, top-k, then a torch.where and an indexed add per expert). Slow: it syncs
-    with the host and loops in Python. A reference for tests and benchmarks."""
+    with the host and loops in Python. A reference for tests and benchmarks. Its gate
+    renormalises p, so an unchosen expert's router gradient is rounding noise, not zero."""
     y = layer.base(x)
     xs = x.reshape(-1, x.shape[-1])
     xd = layer.lora_dropout(xs.to(layer.lora_A.dtype))

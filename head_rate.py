@@ -107,7 +107,7 @@ def train_head(name, feats, classes, lr, seed, std, epochs=3, batch=32):
 def run(args):
     from transformers import AutoModel, AutoTokenizer
     torch.set_num_threads(1)
-    started = time.time()
+    started, made_by = time.time(), commit()  # before the run: a commit made meanwhile did not make it
     model = args.model or flags.default_model()
     tokenizer, encoder = AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
     std = encoder.config.initializer_range
@@ -127,14 +127,14 @@ def run(args):
                           for s in SEEDS]
                 records.append({"task": name, "head": head, "lr": lr, "val": scores, "majority": majority})
                 print(f"{name:10s} {head:32s} lr {lr:<7g} val {' '.join(f'{v:.3f}' for v in scores)}", flush=True)
-    return {"model": run_folder.model_label(args), "commit": commit(), "seconds": round(time.time() - started),
+    return {"model": run_folder.model_label(args), "commit": made_by, "seconds": round(time.time() - started),
             "records": records}
 
 
 def commit():
     """The commit that made the records, marked if the files they depend on had changes."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "head_rate.py", "data.py", "flags.py"], cwd=HERE,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "head_rate.py", "data.py", "flags.py", "run_folder.py"], cwd=HERE,
                            capture_output=True, text=True).stdout.strip()
     return (head.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 

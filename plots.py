@@ -97,8 +97,10 @@ def plot_intervals(panels, path, title, xlabel, seeds=None):
             ax.errorbar(100 * mean, y, xerr=None if half is None else 100 * half, fmt="s", color="C0",
                         markerfacecolor="none", markersize=6, capsize=3)
             if seeds and len(values) == len(seeds):
+                labelled = ax.get_legend_handles_labels()[1]
                 for j, (seed, v) in enumerate(zip(seeds, values)):
-                    ax.plot(100 * v, y, "o", color=f"C{j + 1}", markersize=3, label=f"seed {seed}" if y == 0 else None)
+                    ax.plot(100 * v, y, "o", color=f"C{j + 1}", markersize=3,
+                            label=None if f"seed {seed}" in labelled else f"seed {seed}")
             else:
                 ax.plot([100 * v for v in values], [y] * len(values), "o", color="0.35", markersize=3)
             ax.text(1.01, y, f"n={len(values)}", transform=ax.get_yaxis_transform(), fontsize=6, va="center")

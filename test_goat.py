@@ -488,18 +488,27 @@ def test_routing_rows_sum_to_one_on_the_top_k(setup):
 def test_an_expert_no_token_chose_gets_no_router_gradient_from_the_output():
     """The gate depends on the chosen logits alone, so the router row of an expert that no
     token chose gets exactly zero gradient from the output. In float32, renormalising p
-    leaves it about 1e-10 of rounding noise, which Adam (dividing by the gradient's size,
-    eps 1e-8) would turn into a tenth of a step; only the balance loss should move it."""
+    leaves it 1e-10 to 1e-9 of rounding noise, which Adam (dividing by the gradient's
+    size, eps 1e-8) would turn into up to a tenth of a step; only the balance loss should
+    move it. The same for the upcycled full MoE, which routes by the same rule."""
     for seed in range(3):
         torch.manual_seed(seed)
         layer = GOATLinear(nn.Linear(32, 24), GOATConfig(rank=8, experts=8, top_k=2, dropout=0.0))
+        full_moe = goat.UpcycledMoE(nn.Linear(32, 24), experts=8, top_k=2)
+        with torch.no_grad():
+            full_moe.weight.add_(0.1 * torch.randn_like(full_moe.weight))  # experts apart, as after training
         x = torch.randn(3, 32)  # 3 tokens, top-2 of 8: at least 2 experts unchosen
-        layer(x).square().sum().backward()
-        _, chosen, _ = goat.route(x, layer.lora_router.detach(), layer.top_k)
-        unchosen = chosen.sum(0) == 0
-        grad = layer.lora_router.grad
-        assert unchosen.sum() >= 2 and torch.equal(grad[unchosen], torch.zeros_like(grad[unchosen]))
-        assert (grad[~unchosen] != 0).any(dim=-1).all()  # the chosen rows do learn
+        for moe, router in ((layer, layer.lora_router), (full_moe, full_moe.router)):
+            moe(x).square().sum().backward()
+            unchosen = moe._chosen.sum(0) == 0  # what this very forward chose
+            grad = router.grad
+            assert unchosen.sum() >= 2 and torch.equal(grad[unchosen], torch.zeros_like(grad[unchosen]))
+            assert (grad[~unchosen] != 0).any(dim=-1).all()  # the chosen rows do learn
+
+
+def test_a_nan_logit_shows_in_the_gate_rather_than_being_routed_round():
+    _, _, gate = goat.gate_from_logits(torch.tensor([[1.0, float("nan"), 2.0, 0.0]]), top_k=2)
+    assert gate.isnan().any()  # a diverged router shows in the loss (train.py stops on it), not hidden
 
 
 def test_gradcheck_tiny_layer():
