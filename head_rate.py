@@ -134,7 +134,8 @@ def run(args):
 def commit():
     """The commit that made the records, marked if the files they depend on had changes."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "head_rate.py", "data.py", "flags.py", "run_folder.py"], cwd=HERE,
+    depends_on = ["head_rate.py", "data.py", "flags.py", "run_folder.py"]
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *depends_on], cwd=HERE,
                            capture_output=True, text=True).stdout.strip()
     return (head.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
