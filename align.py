@@ -231,9 +231,11 @@ def run_setting(kind, seed, steps, model_path, lr_full):
             "full_moe_diverged_at": full_diverged_at, "seconds": round(time.time() - t0, 1)}
 
 
-def commit():
+def commit(depends_on=("align.py", "goat.py", "data.py")):
+    """The commit that makes the records, marked "+changes" if the files they depend on
+    differ from it (head_rate.py uses it too)."""
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "align.py", "goat.py", "data.py"], cwd=HERE,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *depends_on], cwd=HERE,
                            capture_output=True, text=True).stdout.strip()
     return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 

@@ -27,12 +27,12 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+import align
 import data
 import flags
 import run_folder
@@ -107,7 +107,8 @@ def train_head(name, feats, classes, lr, seed, std, epochs=3, batch=32):
 def run(args):
     from transformers import AutoModel, AutoTokenizer
     torch.set_num_threads(1)
-    started, made_by = time.time(), commit()  # before the run: a commit made meanwhile did not make it
+    # the commit before the run: one made meanwhile did not make the records
+    started, made_by = time.time(), align.commit(("head_rate.py", "data.py", "flags.py", "run_folder.py"))
     model = args.model or flags.default_model()
     tokenizer, encoder = AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
     std = encoder.config.initializer_range
@@ -129,15 +130,6 @@ def run(args):
                 print(f"{name:10s} {head:32s} lr {lr:<7g} val {' '.join(f'{v:.3f}' for v in scores)}", flush=True)
     return {"model": run_folder.model_label(args), "commit": made_by, "seconds": round(time.time() - started),
             "records": records}
-
-
-def commit():
-    """The commit that made the records, marked if the files they depend on had changes."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-    depends_on = ["head_rate.py", "data.py", "flags.py", "run_folder.py"]
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", *depends_on], cwd=HERE,
-                           capture_output=True, text=True).stdout.strip()
-    return (head.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
 def choose(records):

@@ -646,14 +646,13 @@ def detectable(records):
     """The smallest difference the headline detects (80% power, two-sided 95%, 5 paired
     seeds: 1.68 paired standard deviations), as planned and as achieved: from the median
     paired standard deviation over every pair of methods on seeds 1-5."""
-    labels = [x for x in METHODS if x in records.chosen]
+    scores = [records.headline_scores(x) for x in METHODS if x in records.chosen]
     lines = ["| task | planned | achieved | median paired sd | pairs |", "|---|---|---|---|---|"]
     for task in TASKS:
         sds = []
-        for i, a in enumerate(labels):
-            for b in labels[i + 1:]:
-                mine, theirs = records.headline_scores(a)[task], records.headline_scores(b)[task]
-                diffs = [mine[s] - theirs[s] for s in REPORT_SEEDS if s in mine and s in theirs]
+        for i, mine in enumerate(scores):
+            for theirs in scores[i + 1:]:
+                diffs = [mine[task][s] - theirs[task][s] for s in REPORT_SEEDS if s in mine[task] and s in theirs[task]]
                 if len(diffs) == len(REPORT_SEEDS):
                     sds.append(statistics.stdev(diffs))
         if sds:

@@ -115,6 +115,20 @@ def test_report_from_result_files_alone(tmp_path, monkeypatch):
         assert (tmp_path / f"study_{plot}.png").exists(), plot
 
 
+def test_the_achieved_sensitivity_is_1_68_median_paired_sds(monkeypatch):
+    """Two methods whose SST-2 scores differ by 0, 1, 0, 1, 0 points over seeds 1-5: paired
+    sd 0.548, so 1.68 x 0.548 = 0.92 points detected with 80% power."""
+    monkeypatch.setattr(study, "METHODS", {k: study.METHODS[k] for k in ("lora", "goat")})
+
+    class Records:
+        chosen = {"lora": 3e-4, "goat": 3e-4}
+
+        def headline_scores(self, label):
+            bump = {"goat": 0.0, "lora": 0.01}[label]
+            return {t: {s: 0.8 + bump * (s % 2 == 0) for s in study.REPORT_SEEDS} for t in study.TASKS}
+    assert "| SST-2 acc | 1.0 | 0.9 | 0.5 | 1 |" in study.detectable(Records())
+
+
 def test_two_paired_values_are_shown_per_seed_and_three_get_an_interval():
     assert study.fmt_interval([0.01, 0.01]) == "+1.0 / +1.0 (per seed)"  # not a zero-width "interval"
     assert study.fmt_interval([0.01, 0.02, 0.03]) == "+2.0 [-0.5, +4.5]"  # 2 +- 4.303 x 1 / sqrt(3)
